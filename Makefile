@@ -1,0 +1,51 @@
+# Two commands do all the set-up: `make serve` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS ?= constraints.txt
+STAMP := $(VENV)/.installed
+DEMO := .cache/demo-model
+PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+
+.PHONY: serve test install demo lint format typecheck check bench clean
+
+serve: $(STAMP) $(DEMO)/config.json  ## build what is missing, then serve models.yaml on 127.0.0.1:6006
+	$(PY) -m gateway serve --config models.yaml
+
+test: $(STAMP)  ## build what is missing, then run lint, types and the tests
+	$(PY) -m ruff check gateway adapters tests bench
+	$(PY) -m mypy
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[worker,dev]'
+	touch $@
+
+demo: $(DEMO)/config.json
+
+$(DEMO)/config.json: | $(STAMP)
+	$(PY) -m gateway.worker.tiny $(DEMO) --train-steps 300 --hidden 128
+
+lint: $(STAMP)
+	$(PY) -m ruff check gateway adapters tests bench
+	$(PY) -m ruff format --check gateway adapters tests bench
+
+format: $(STAMP)
+	$(PY) -m ruff format gateway adapters tests bench
+	$(PY) -m ruff check --fix gateway adapters tests bench
+
+typecheck: $(STAMP)
+	$(PY) -m mypy
+
+check: $(STAMP)
+	$(PY) -m gateway check --config models.yaml
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -1,0 +1,178 @@
+"""The registry: `models.yaml` parsed into typed, validated, immutable settings.
+
+Every default lives here, in one place. Unknown keys are rejected; `gateway.config_load`
+turns a file into a `Registry` or raises `ConfigError` listing every mistake with its
+YAML path, line and a fix hint.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+# Names a model may not take: they are routes of the gateway itself.
+RESERVED_NAMES = frozenset(
+    {
+        "v1",
+        "health",
+        "ready",
+        "admin",
+        "metrics",
+        "docs",
+        "redoc",
+        "openapi.json",
+        "favicon.ico",
+        "static",
+    }
+)
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: object) -> int:
+    """Accept 1024, "512MiB", "22GiB", "1.5 GB"; return a byte count."""
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 22GiB")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if match and match.group(2).lower() in _UNITS:
+            return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    raise ValueError(f"expected a size such as 22GiB or 512MiB, got {value!r}")
+
+
+ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(gt=0)]
+DeviceKey = Annotated[str, BeforeValidator(lambda v: str(v))]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Generation(Strict):
+    """Generation defaults; a request overrides them field by field."""
+
+    max_new_tokens: int = Field(256, gt=0)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stop: list[str] = []
+
+
+class Limits(Strict):
+    max_new_tokens: int = Field(4096, gt=0)
+    context_length: int | None = Field(None, gt=0)
+    max_concurrency: int = Field(32, gt=0)
+    max_queue: int = Field(256, ge=0)
+    queue_timeout_s: float = Field(60.0, gt=0)
+    request_timeout_s: float = Field(600.0, gt=0)
+
+
+class Batching(Strict):
+    max_batch_size: int = Field(8, gt=0)
+    batch_wait_ms: float = Field(5.0, ge=0)
+
+
+class PythonEnv(Strict):
+    """Either requirements installed into a model-local venv, or an existing interpreter."""
+
+    requirements: list[str] = []
+    python: str | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PythonEnv:
+        if bool(self.requirements) == bool(self.python):
+            raise ValueError("give either `requirements` (a list) or `python` (a path), not both")
+        return self
+
+
+class Upstream(Strict):
+    """A remote OpenAI-compatible server that serves this model instead of a local worker."""
+
+    url: str
+    model: str | None = None
+    api_key_env: str | None = None
+
+
+Hub = Literal["local", "modelscope", "huggingface"]
+DType = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class ModelEntry(Strict):
+    description: str | None = None
+    source: str | None = None
+    hub: Hub = "local"
+    revision: str | None = None
+    cache_dir: str | None = None
+    auto_pull: bool = True
+    upstream: Upstream | None = None
+    adapter: str = "chat_template"
+    dtype: DType = "auto"
+    devices: Literal["cpu"] | list[Annotated[int, Field(ge=0)]] = "cpu"
+    max_memory: dict[DeviceKey, ByteSize] | None = None
+    trust_remote_code: bool = False
+    python_env: PythonEnv | None = None
+    env: dict[str, str] = {}
+    system_prompt: str | None = None
+    generation: Generation = Generation()
+    limits: Limits = Limits()
+    batching: Batching = Batching()
+    idle_unload_s: float | None = Field(None, ge=0)
+    pinned: bool = False
+    memory_bytes: ByteSize | None = None
+    planning_config: str | None = None
+
+    @model_validator(mode="after")
+    def _source_or_upstream(self) -> ModelEntry:
+        if (self.source is None) == (self.upstream is None):
+            raise ValueError("give either `source` (a path or hub id) or `upstream` (a URL)")
+        if isinstance(self.devices, list) and not self.devices:
+            raise ValueError("`devices` must be `cpu` or a non-empty list of GPU indices")
+        if self.generation.max_new_tokens > self.limits.max_new_tokens:
+            raise ValueError(
+                f"generation.max_new_tokens ({self.generation.max_new_tokens}) exceeds "
+                f"limits.max_new_tokens ({self.limits.max_new_tokens})"
+            )
+        return self
+
+    @property
+    def is_remote(self) -> bool:
+        return self.upstream is not None
+
+
+class Auth(Strict):
+    """API keys are never written in the file: name an environment variable or a key file."""
+
+    api_keys_env: str | None = None
+    api_keys_file: str | None = None
+    admin_keys_env: str | None = None
+    admin_keys_file: str | None = None
+
+
+class GatewaySettings(Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(6006, ge=0, le=65535)
+    default_model: str | None = None
+    idle_unload_s: float | None = Field(None, ge=0)
+    load_timeout_s: float = Field(600.0, gt=0)
+    drain_timeout_s: float = Field(30.0, ge=0)
+    memory_budget: dict[DeviceKey, ByteSize] = {}
+    max_body_bytes: int = Field(4 * 2**20, gt=0)
+    cache_dir: str = ".cache"
+    envs_dir: str = ".cache/envs"
+    watch_config: bool = True
+    cors_origins: list[str] = []
+    auth: Auth = Auth()
+
+
+class Registry(Strict):
+    gateway: GatewaySettings = GatewaySettings()
+    models: dict[str, ModelEntry]
+
+    def default_name(self) -> str | None:
+        return self.gateway.default_model

@@ -1,0 +1,112 @@
+"""HTTP plumbing shared by the gateway and its workers: error rendering and disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from gateway.errors import (
+    BadRequest,
+    ClientClosed,
+    GatewayError,
+    UnsupportedMediaType,
+    error_for_status,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def error_response(error: GatewayError) -> JSONResponse:
+    return JSONResponse(error.envelope(), status_code=error.status, headers=error.headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as the OpenAI envelope; nothing leaks a stack trace."""
+
+    async def on_gateway_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, GatewayError)
+        return error_response(exc)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return error_response(validation_error(request, exc))
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        message = {404: f"no route {request.url.path}", 405: "method not allowed here"}.get(
+            exc.status_code, str(exc.detail)
+        )
+        error = error_for_status(exc.status_code, message)
+        error.status = exc.status_code
+        error.headers = dict(exc.headers or {})
+        return error_response(error)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return error_response(GatewayError("internal error; see the gateway log"))
+
+    app.add_exception_handler(GatewayError, on_gateway_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+
+def validation_error(request: Request, exc: RequestValidationError) -> GatewayError:
+    errors: list[Any] = list(exc.errors())
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not isinstance(p, int)]
+    # pydantic names the union member it tried ("str", "list[TextPart]"): not a field.
+    loc = [p for p in loc if "[" not in p and p not in {"str", "int", "tuple"}]
+    param = ".".join(loc) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        ctx = first.get("ctx")
+        reason = ctx.get("error", "invalid") if isinstance(ctx, dict) else "invalid"
+        return BadRequest(f"malformed JSON body: {reason}", code="invalid_json")
+    if not loc and not _is_json(request):
+        return UnsupportedMediaType("send a JSON body with Content-Type: application/json")
+    if kind == "missing" and not loc:
+        return BadRequest("the request body is missing; send a JSON object")
+    if kind == "extra_forbidden":
+        return BadRequest(f"unknown field {param!r}", param=param, code="unknown_field")
+    if kind == "missing":
+        return BadRequest(f"{param} is required", param=param, code="missing_field")
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return BadRequest(f"{param or 'body'}: {message}{more}", param=param, code="invalid_value")
+
+
+def _is_json(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "")
+    return content_type.split(";")[0].strip().lower() in ("application/json", "")
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Return once the client has gone (call only after the body has been read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Run `work`; if the client disconnects first, cancel it and raise `ClientClosed`."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.done() and not task.cancelled():
+        return task.result()
+    raise ClientClosed("the client closed the connection")

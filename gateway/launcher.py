@@ -1,0 +1,271 @@
+"""Start a model's backend: a worker process on a unix socket, or a remote upstream.
+
+A worker is `python -m gateway.worker` under the model's interpreter, in its own session
+(so a terminal's Ctrl-C reaches the gateway, which then stops its workers in order), with
+stdin held open by the gateway (EOF tells the worker the gateway is gone), a JSON-lines
+control channel on stdout and its log on stderr, relayed into the gateway's log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+import gateway
+from gateway.config import ModelEntry
+from gateway.envs import EnvironmentMissing, python_for
+from gateway.upstream import Upstream
+from gateway.worker.spec import SPEC_ENV, WorkerSpec
+
+log = logging.getLogger(__name__)
+Progress = Callable[[dict[str, Any]], None]
+
+
+class LoadFailed(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class Backend(Protocol):
+    """A started model. `exited` completes when it stops serving for good."""
+
+    upstream: Upstream
+    runtime: dict[str, Any]
+    pid: int | None
+
+    @property
+    def exited(self) -> asyncio.Future[int]: ...
+    async def stop(self, grace_s: float) -> None: ...
+
+
+class Launcher(Protocol):
+    async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> Backend: ...
+
+
+class RemoteBackend:
+    pid: int | None = None
+
+    def __init__(self, name: str, entry: ModelEntry) -> None:
+        assert entry.upstream is not None
+        key = os.environ.get(entry.upstream.api_key_env) if entry.upstream.api_key_env else None
+        self.upstream = Upstream(
+            entry.upstream.url.rstrip("/"), api_key=key, label=f"upstream of {name!r}"
+        )
+        self.runtime: dict[str, Any] = {"remote": entry.upstream.url}
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        return self._exited
+
+    async def stop(self, grace_s: float) -> None:
+        await self.upstream.aclose()
+        if not self._exited.done():
+            self._exited.set_result(0)
+
+
+class WorkerProcess:
+    def __init__(self, name: str, process: asyncio.subprocess.Process, socket: str) -> None:
+        self.name = name
+        self.process = process
+        self.pid: int | None = process.pid
+        self.socket = socket
+        self.upstream = Upstream("http://worker", uds=socket, label=f"the worker of {name!r}")
+        self.runtime: dict[str, Any] = {}
+        self.stderr_tail: deque[str] = deque(maxlen=30)
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        return self._exited
+
+    async def wait_ready(self, on_progress: Progress) -> None:
+        """Follow the control channel until the worker is ready; raise LoadFailed if not."""
+        assert self.process.stdout is not None and self.process.stderr is not None
+        self._tasks.append(asyncio.create_task(self._relay_stderr(self.process.stderr)))
+        self._tasks.append(asyncio.create_task(self._watch_exit()))
+        while line := await self.process.stdout.readline():
+            message = _parse(line)
+            if message.get("event") == "progress":
+                on_progress(message)
+            elif message.get("event") == "ready":
+                self.runtime = dict(message.get("runtime") or {})
+                self._tasks.append(asyncio.create_task(self._drain(self.process.stdout)))
+                return
+            elif message.get("event") == "failed":
+                await self.stop(5.0)
+                raise LoadFailed(str(message.get("kind")), str(message.get("message")))
+        code = await self.process.wait()
+        await asyncio.sleep(0.05)  # let the stderr relay catch the last lines
+        tail = " | ".join(list(self.stderr_tail)[-5:])
+        raise LoadFailed("crashed", f"the worker exited with code {code} while loading: {tail}")
+
+    async def stop(self, grace_s: float) -> None:
+        if self.process.returncode is None:
+            self._signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(self.process.wait(), grace_s)
+            except asyncio.TimeoutError:
+                log.warning(
+                    "worker of %r ignored SIGTERM for %.0fs; killing it", self.name, grace_s
+                )
+                self._signal(signal.SIGKILL)
+                await self.process.wait()
+        with contextlib.suppress(OSError):
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+        await self.upstream.aclose()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+
+    def kill_now(self) -> None:
+        """Last resort at interpreter exit: no event loop needed."""
+        if self.process.returncode is None:
+            self._signal(signal.SIGKILL)
+
+    def _signal(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, sig)
+
+    async def _watch_exit(self) -> None:
+        code = await self.process.wait()
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    async def _relay_stderr(self, stream: asyncio.StreamReader) -> None:
+        while line := await stream.readline():
+            text = line.decode(errors="replace").rstrip()
+            if text:
+                self.stderr_tail.append(text)
+                log.info("[%s] %s", self.name, text)
+
+    @staticmethod
+    async def _drain(stream: asyncio.StreamReader) -> None:
+        while await stream.readline():
+            pass
+
+
+class ProcessLauncher:
+    """Starts local workers; remote entries get a `RemoteBackend`."""
+
+    def __init__(self, run_dir: Path, cache_dir: Path, envs_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.cache_dir = cache_dir
+        self.envs_dir = envs_dir
+        self.live: set[WorkerProcess] = set()
+        self._shim = _package_shim(run_dir)
+
+    async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> Backend:
+        if entry.is_remote:
+            return RemoteBackend(name, entry)
+        try:
+            python = python_for(name, entry, self.envs_dir)
+        except EnvironmentMissing as exc:
+            raise LoadFailed("environment", str(exc)) from exc
+        socket = str(self.run_dir / f"{name}.sock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(socket)
+        spec = self._spec(name, entry, socket)
+        process = await asyncio.create_subprocess_exec(
+            python,
+            "-m",
+            "gateway.worker",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=self._environment(entry, spec),
+            start_new_session=True,
+            limit=2**20,
+        )
+        worker = WorkerProcess(name, process, socket)
+        self.live.add(worker)
+        worker.exited.add_done_callback(lambda _: self.live.discard(worker))
+        try:
+            await worker.wait_ready(on_progress)
+        except BaseException:
+            await worker.stop(2.0)
+            self.live.discard(worker)
+            raise
+        return worker
+
+    def kill_all(self) -> None:
+        for worker in list(self.live):
+            worker.kill_now()
+
+    def _spec(self, name: str, entry: ModelEntry, socket: str) -> WorkerSpec:
+        assert entry.source is not None
+        gpus = len(entry.devices) if isinstance(entry.devices, list) else 0
+        return WorkerSpec(
+            name=name,
+            entry=entry,
+            weights=entry.source,
+            socket=socket,
+            cache_dir=str(self.cache_dir),
+            gpus=gpus,
+            max_memory=_local_max_memory(entry),
+        )
+
+    def _environment(self, entry: ModelEntry, spec: WorkerSpec) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(entry.env)
+        env[SPEC_ENV] = spec.model_dump_json()
+        env["LLMGW_PARENT_PID"] = str(os.getpid())
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(self._shim), env.get("PYTHONPATH")) if p
+        )
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env["PYTHONUNBUFFERED"] = "1"
+        if isinstance(entry.devices, list):
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in entry.devices)
+        else:
+            env["CUDA_VISIBLE_DEVICES"] = ""
+        return env
+
+
+def _local_max_memory(entry: ModelEntry) -> dict[str, int] | None:
+    """Re-key max_memory from physical GPU indices to the worker's local ordinals."""
+    if not entry.max_memory:
+        return None
+    devices = entry.devices if isinstance(entry.devices, list) else []
+    local = {str(physical): str(ordinal) for ordinal, physical in enumerate(devices)}
+    return {local.get(key, key): size for key, size in entry.max_memory.items()}
+
+
+def _package_shim(run_dir: Path) -> Path:
+    """A directory holding only this project's packages, for the worker's PYTHONPATH.
+
+    Putting the packages' parent on PYTHONPATH could shadow a model environment's own
+    libraries (when the project is installed into site-packages); links to exactly the two
+    packages cannot.
+    """
+    import adapters
+
+    shim = run_dir / "pkgs"
+    shim.mkdir(parents=True, exist_ok=True)
+    for package in (gateway, adapters):
+        source = Path(package.__file__ or "").parent
+        link = shim / source.name
+        if not link.exists():
+            link.symlink_to(source, target_is_directory=True)
+    return shim
+
+
+def _parse(line: bytes) -> dict[str, Any]:
+    try:
+        message = json.loads(line)
+    except ValueError:
+        print(line.decode(errors="replace").rstrip(), file=sys.stderr)
+        return {}
+    return message if isinstance(message, dict) else {}

@@ -1,0 +1,213 @@
+"""Wire models: the seed API and the OpenAI-compatible API, plus the resolved sampling settings.
+
+Shared by the gateway and the worker (pydantic only, no web framework, no torch).
+Precedence for every generation setting: request > registry entry > adapter/model defaults.
+The gateway applies the first two (`resolve_*`); the worker fills what is still unset.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from gateway.config import Generation
+
+# A per-request keep-alive: seconds to stay loaded after this request; 0 unloads at once,
+# -1 keeps the model loaded until evicted or unloaded by an admin.
+KeepAlive = Annotated[float, Field(ge=-1)]
+MaxTokens = Annotated[int, Field(gt=0)]
+
+
+class Wire(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TextPart(Wire):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(Wire):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(Wire):
+    include_usage: bool = False
+
+
+class SamplingFields(Wire):
+    """Settings shared by every route; None means "use the model's default"."""
+
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    keep_alive: KeepAlive | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_limits(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 8 or any(not s or len(s) > 256 for s in stops):
+            raise ValueError("stop takes at most 8 non-empty strings of at most 256 characters")
+        return value
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class _OpenAIFields(SamplingFields):
+    model: str = Field(..., min_length=1)
+    n: Literal[1] = 1
+    user: str | None = None
+    stream_options: StreamOptions | None = None
+    presence_penalty: Literal[0] | None = None
+    frequency_penalty: Literal[0] | None = None
+    logprobs: Literal[False] | None = None
+
+
+class ChatCompletionRequest(_OpenAIFields):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+
+    @model_validator(mode="after")
+    def _last_message(self) -> ChatCompletionRequest:
+        if not any(m.role == "user" and m.text().strip() for m in self.messages):
+            raise ValueError("messages must contain a user message with non-empty content")
+        return self
+
+    def requested_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(_OpenAIFields):
+    prompt: str = Field(..., min_length=1)
+    max_tokens: MaxTokens | None = None
+    echo: Literal[False] = False
+
+    def requested_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class HistoryTurn(Wire):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class SeedRequest(SamplingFields):
+    """The seed scripts' body: `max_length` is the number of new tokens."""
+
+    prompt: str = Field(..., min_length=1)
+    max_length: MaxTokens | None = None
+    history: list[HistoryTurn | tuple[str, str]] = []
+    system: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("prompt must not be blank")
+        return value
+
+    def to_messages(self) -> list[ChatMessage]:
+        messages = [ChatMessage(role="system", content=self.system)] if self.system else []
+        for turn in self.history:
+            if isinstance(turn, tuple):  # [[user, assistant], ...] as chatglm-style clients send
+                messages.append(ChatMessage(role="user", content=turn[0]))
+                messages.append(ChatMessage(role="assistant", content=turn[1]))
+            else:
+                messages.append(ChatMessage(role=turn.role, content=turn.content))
+        messages.append(ChatMessage(role="user", content=self.prompt))
+        return messages
+
+
+class SeedReply(BaseModel):
+    response: str
+    status: int = 200
+    time: str
+    model: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+SeedReply.model_rebuild()
+
+
+def resolve_chat(
+    request: ChatCompletionRequest, defaults: Generation, system_prompt: str | None
+) -> ChatCompletionRequest:
+    """Fill what the request left unset from the registry entry; add its system prompt."""
+    messages = request.messages
+    if system_prompt and not any(m.role in ("system", "developer") for m in messages):
+        messages = [ChatMessage(role="system", content=system_prompt), *messages]
+    tokens = request.requested_tokens() or defaults.max_new_tokens
+    return request.model_copy(
+        update={
+            "messages": messages,
+            "max_tokens": tokens,
+            "max_completion_tokens": None,
+            **_sampling_defaults(request, defaults),
+        }
+    )
+
+
+def resolve_completion(request: CompletionRequest, defaults: Generation) -> CompletionRequest:
+    tokens = request.requested_tokens() or defaults.max_new_tokens
+    return request.model_copy(
+        update={"max_tokens": tokens, **_sampling_defaults(request, defaults)}
+    )
+
+
+def _sampling_defaults(request: SamplingFields, defaults: Generation) -> dict[str, Any]:
+    fields = ("temperature", "top_p", "top_k", "repetition_penalty")
+    update: dict[str, Any] = {
+        f: getattr(defaults, f) for f in fields if getattr(request, f) is None
+    }
+    if request.stop is None and defaults.stop:
+        update["stop"] = list(defaults.stop)
+    return update
+
+
+def seed_to_chat(request: SeedRequest, model: str) -> ChatCompletionRequest:
+    return ChatCompletionRequest(
+        model=model,
+        messages=request.to_messages(),
+        max_tokens=request.max_length,
+        temperature=request.temperature,
+        top_p=request.top_p,
+        top_k=request.top_k,
+        repetition_penalty=request.repetition_penalty,
+        seed=request.seed,
+        stop=request.stop,
+        stream=request.stream,
+        stream_options=StreamOptions(include_usage=True) if request.stream else None,
+        keep_alive=request.keep_alive,
+    )
+
+
+def now_text() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime())
+
+
+def completion_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"

@@ -1,0 +1,275 @@
+"""Load `models.yaml` into a `Registry`, or fail with every mistake, its YAML path and a hint."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from adapters import ADAPTERS
+from gateway.config import MODEL_NAME, RESERVED_NAMES, Registry
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    path: str
+    message: str
+    hint: str = ""
+    line: int | None = None
+
+    def render(self, filename: str) -> str:
+        where = f"{filename}:{self.line}" if self.line else filename
+        text = f"{where}: {self.path or '<root>'}: {self.message}"
+        return f"{text}\n    hint: {self.hint}" if self.hint else text
+
+
+class ConfigError(Exception):
+    """The file is not a valid registry; `issues` lists every mistake found."""
+
+    def __init__(self, filename: str, issues: Sequence[ConfigIssue]) -> None:
+        self.filename = filename
+        self.issues = list(issues)
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        count = f"{len(self.issues)} error{'s' if len(self.issues) != 1 else ''}"
+        lines = [f"{self.filename}: {count}"]
+        lines += [issue.render(self.filename) for issue in self.issues]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class LoadedRegistry:
+    """A validated registry plus where it came from (relative paths resolve against base_dir)."""
+
+    registry: Registry
+    path: Path
+    digest: str
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+
+def load_registry(path: str | Path) -> LoadedRegistry:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            str(path), [ConfigIssue("", f"cannot read the file: {exc.strerror}")]
+        ) from exc
+    registry = _absolutize(parse_registry(text, str(path)), path.resolve().parent)
+    return LoadedRegistry(registry, path.resolve(), hashlib.sha256(text.encode()).hexdigest())
+
+
+def _absolutize(registry: Registry, base: Path) -> Registry:
+    """Make every relative path in the file relative to the file's own directory."""
+
+    def resolve(value: str | None) -> str | None:
+        if value is None:
+            return None
+        path = Path(value).expanduser()
+        return str(path if path.is_absolute() else (base / path).resolve())
+
+    models = {}
+    for name, entry in registry.models.items():
+        update: dict[str, Any] = {
+            "cache_dir": resolve(entry.cache_dir),
+            "planning_config": resolve(entry.planning_config),
+        }
+        if entry.hub == "local" and entry.source is not None:
+            update["source"] = resolve(entry.source)
+        if entry.python_env is not None and entry.python_env.python:
+            python = entry.python_env.python
+            if "/" in python:  # a bare name such as python3.10 is looked up on PATH
+                update["python_env"] = entry.python_env.model_copy(
+                    update={"python": resolve(python)}
+                )
+        models[name] = entry.model_copy(update=update)
+    settings = registry.gateway.model_copy(
+        update={
+            "cache_dir": resolve(registry.gateway.cache_dir),
+            "envs_dir": resolve(registry.gateway.envs_dir),
+        }
+    )
+    return registry.model_copy(update={"gateway": settings, "models": models})
+
+
+def parse_registry(text: str, filename: str = "models.yaml") -> Registry:
+    try:
+        root_node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        raise ConfigError(filename, [ConfigIssue("", f"not valid YAML: {exc}", line=line)]) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(filename, [ConfigIssue("", "expected a mapping with a `models:` key")])
+    issues = list(_semantic_issues(data, root_node))
+    try:
+        registry = Registry.model_validate(data)
+    except ValidationError as exc:
+        issues = _dedupe([_issue_from_pydantic(err, root_node) for err in exc.errors()]) + issues
+        raise ConfigError(filename, sorted(issues, key=lambda i: i.line or 0)) from None
+    if issues:
+        raise ConfigError(filename, issues)
+    return registry
+
+
+def _dedupe(issues: list[ConfigIssue]) -> list[ConfigIssue]:
+    """One issue per field: a union type reports each member's complaint separately."""
+    seen: set[str] = set()
+    kept = []
+    for issue in issues:
+        key = ".".join(p for p in issue.path.split(".") if not p.isdigit())
+        if key not in seen:
+            seen.add(key)
+            kept.append(issue)
+    return kept
+
+
+def _semantic_issues(data: dict[str, Any], root: yaml.Node | None) -> Iterable[ConfigIssue]:
+    """Checks that span fields; run on the raw data so they report alongside type errors."""
+    models = data.get("models")
+    models = models if isinstance(models, dict) else {}
+    names = sorted(str(n) for n in models)
+    for raw_name, entry in models.items():
+        name = str(raw_name)
+        loc: tuple[str | int, ...] = ("models", name)
+        if name.lower() in RESERVED_NAMES:
+            yield ConfigIssue(
+                _dotted(loc),
+                f"the name {name!r} collides with the gateway route /{name}",
+                "rename the model, e.g. " + repr(f"{name}-model"),
+                _line(root, loc),
+            )
+        elif not MODEL_NAME.match(name):
+            yield ConfigIssue(
+                _dotted(loc),
+                f"{name!r} is not a usable model name (it becomes the route /{name})",
+                "use letters, digits, '.', '_' or '-', at most 64, starting with a letter or digit",
+                _line(root, loc),
+            )
+        adapter = entry.get("adapter") if isinstance(entry, dict) else None
+        if isinstance(adapter, str) and adapter not in ADAPTERS:
+            yield ConfigIssue(
+                _dotted((*loc, "adapter")),
+                f"unknown adapter {adapter!r}",
+                _suggest(adapter, ADAPTERS),
+                _line(root, (*loc, "adapter")),
+            )
+    settings = data.get("gateway")
+    default = settings.get("default_model") if isinstance(settings, dict) else None
+    if default is not None and str(default) not in names:
+        loc = ("gateway", "default_model")
+        yield ConfigIssue(
+            _dotted(loc),
+            f"{default!r} is not a model in `models`",
+            _suggest(str(default), names),
+            _line(root, loc),
+        )
+
+
+def _issue_from_pydantic(err: Any, root: yaml.Node | None) -> ConfigIssue:
+    loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+    line = _line(root, loc)
+    if err["type"] == "extra_forbidden":
+        key = str(loc[-1])
+        return ConfigIssue(_dotted(loc), f"unknown key {key!r}", _suggest_key(key, loc[:-1]), line)
+    if err["type"] == "missing":
+        return ConfigIssue(_dotted(loc), "this key is required", "", line)
+    message = str(err["msg"]).removeprefix("Value error, ")
+    return ConfigIssue(_dotted(loc), message, _hint_for(loc), line)
+
+
+def _is_union_tag(part: object) -> bool:
+    # pydantic adds the union member it tried ("list[...]", "literal['cpu']") to error paths.
+    return isinstance(part, str) and ("[" in part or part in {"str", "int"})
+
+
+def _hint_for(loc: tuple[str | int, ...]) -> str:
+    hints = {
+        "devices": "write `devices: cpu` or a list of GPU indices such as `devices: [0, 1]`",
+        "dtype": "one of float32, bfloat16, float16, auto (float32 on CPU, bfloat16 on GPU)",
+        "hub": "one of local, modelscope, huggingface",
+        "max_memory": "map devices to sizes, e.g. `max_memory: {0: 22GiB, 1: 22GiB, cpu: 64GiB}`",
+        "memory_budget": "map devices to sizes, e.g. `memory_budget: {0: 22GiB, cpu: 16GiB}`",
+    }
+    for part in reversed(loc):
+        if isinstance(part, str) and part in hints:
+            return hints[part]
+    return ""
+
+
+def _suggest_key(key: str, parent: tuple[str | int, ...]) -> str:
+    known = _known_keys(parent)
+    if difflib.get_close_matches(key, known, n=1, cutoff=0.6):
+        return _suggest(key, known)
+    nested = [f"{k}.{sub}" for k in known for sub in _known_keys((*parent, k))]
+    close = difflib.get_close_matches(key, [n.split(".")[-1] for n in nested], n=1, cutoff=0.75)
+    if close:
+        return f"did you mean {next(n for n in nested if n.endswith('.' + close[0]))!r}?"
+    return _suggest(key, known)
+
+
+def _known_keys(loc: tuple[str | int, ...]) -> list[str]:
+    model: type[BaseModel] | None = Registry
+    skip_key = False
+    for part in loc:
+        if skip_key:  # a key of a mapping such as `models:`; its value has the model type
+            skip_key = False
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            return []
+        skip_key = getattr(field.annotation, "__origin__", None) is dict
+        model = _model_of(field.annotation)
+    return sorted(model.model_fields) if model and not skip_key else []
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"choose one of: {', '.join(choices)}" if choices else ""
+
+
+def _dotted(loc: tuple[str | int, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _line(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
+    """1-based line of the YAML node at `loc`, or of its nearest existing ancestor."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((kv for kv in node.value if str(kv[0].value) == str(part)), None)
+            if match is None:
+                return line
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif (
+            isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value)
+        ):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line

@@ -1,0 +1,27 @@
+"""Liveness and readiness."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+
+
+def health_router(is_ready: Callable[[], bool]) -> APIRouter:
+    router = APIRouter(tags=["health"])
+
+    @router.get("/health")
+    async def health() -> dict[str, str]:
+        """The process is alive and its event loop answers."""
+        return {"status": "ok"}
+
+    @router.get("/ready")
+    async def ready() -> JSONResponse:
+        """The gateway takes traffic (503 while starting or shutting down)."""
+        ok = is_ready()
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready"}, status_code=200 if ok else 503
+        )
+
+    return router

@@ -1,0 +1,255 @@
+"""What every inference route does, in order: resolve the model, validate limits, take a
+lease (admission, lazy load), forward to the model's upstream, relay or translate the reply.
+
+Streams are opened before the response starts, so errors that happen before the first
+token (unknown model, full queue, failed load, context too long) keep their HTTP status;
+errors after it arrive as an SSE error event followed by `data: [DONE]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any, TypeVar
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from gateway.errors import BadRequest, GatewayError, GatewayTimeout
+from gateway.http import unless_disconnected
+from gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SeedReply,
+    SeedRequest,
+    Usage,
+    now_text,
+    resolve_chat,
+    resolve_completion,
+    seed_to_chat,
+)
+from gateway.supervisor import Lease, Supervisor
+
+T = TypeVar("T")
+CHAT_PATH = "/v1/chat/completions"
+COMPLETION_PATH = "/v1/completions"
+
+
+class ManagedStream(StreamingResponse):
+    """A streaming response that always runs its cleanup, even if never iterated."""
+
+    def __init__(self, body: AsyncIterator[bytes], cleanup: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(
+            body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        self._cleanup = cleanup
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
+
+
+class Inference:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    # -- OpenAI routes ----------------------------------------------------------------------
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
+        entry = self.supervisor.get(body.model).entry
+        self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
+        resolved = resolve_chat(body, entry.generation, entry.system_prompt)
+        return await self._openai(request, resolved, CHAT_PATH)
+
+    async def completion(self, body: CompletionRequest, request: Request) -> Any:
+        entry = self.supervisor.get(body.model).entry
+        self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
+        return await self._openai(
+            request, resolve_completion(body, entry.generation), COMPLETION_PATH
+        )
+
+    async def _openai(
+        self, request: Request, body: ChatCompletionRequest | CompletionRequest, path: str
+    ) -> Any:
+        name = body.model
+        payload = self._payload(name, body)
+        if body.stream:
+            _, events, close = await self._open_stream(
+                request, name, body.keep_alive, path, payload
+            )
+            return ManagedStream(_relay(events, name), close)
+        reply = await self._call(request, name, body.keep_alive, path, payload)
+        reply["model"] = name
+        return JSONResponse(reply)
+
+    # -- seed routes ------------------------------------------------------------------------
+
+    async def seed(self, name: str, body: SeedRequest, request: Request) -> Any:
+        entry = self.supervisor.get(name).entry
+        self._check_tokens(name, body.max_length, "max_length")
+        chat = resolve_chat(seed_to_chat(body, name), entry.generation, entry.system_prompt)
+        payload = self._payload(name, chat)
+        if body.stream:
+            _, events, close = await self._open_stream(
+                request, name, body.keep_alive, CHAT_PATH, payload
+            )
+            return ManagedStream(_seed_stream(events, name), close)
+        reply = await self._call(request, name, body.keep_alive, CHAT_PATH, payload)
+        choice = reply["choices"][0]
+        return SeedReply(
+            response=choice["message"]["content"],
+            time=now_text(),
+            model=name,
+            finish_reason=choice.get("finish_reason"),
+            usage=Usage.model_validate(reply["usage"]) if reply.get("usage") else None,
+        )
+
+    # -- shared -----------------------------------------------------------------------------
+
+    def _check_tokens(self, name: str, requested: int | None, param: str) -> None:
+        limit = self.supervisor.get(name).entry.limits.max_new_tokens
+        if requested is not None and requested > limit:
+            raise BadRequest(
+                f"{param} is {requested}, above model {name!r}'s limit of {limit} new tokens",
+                param=param,
+                code="max_tokens_exceeded",
+            )
+
+    def _payload(
+        self, name: str, body: ChatCompletionRequest | CompletionRequest
+    ) -> dict[str, Any]:
+        payload = body.model_dump(exclude_none=True, exclude={"keep_alive"})
+        upstream = self.supervisor.get(name).entry.upstream
+        payload["model"] = upstream.model if upstream and upstream.model else name
+        return payload
+
+    async def _call(
+        self,
+        request: Request,
+        name: str,
+        keep_alive: float | None,
+        path: str,
+        payload: dict[str, Any],
+    ) -> dict[str, Any]:
+        async def run() -> dict[str, Any]:
+            async with self.supervisor.lease(name, keep_alive) as lease:
+                return await self._timed(lease, lease.upstream.post(path, payload))
+
+        return await unless_disconnected(request, run())
+
+    async def _timed(self, lease: Lease, work: Awaitable[T]) -> T:
+        timeout = lease.entry.limits.request_timeout_s
+        try:
+            return await asyncio.wait_for(work, timeout)
+        except asyncio.TimeoutError:
+            raise GatewayTimeout(
+                f"model {lease.name!r} did not finish within request_timeout_s={timeout:g}"
+            ) from None
+
+    async def _open_stream(
+        self,
+        request: Request,
+        name: str,
+        keep_alive: float | None,
+        path: str,
+        payload: dict[str, Any],
+    ) -> tuple[Lease, AsyncIterator[str], Callable[[], Awaitable[None]]]:
+        stack = AsyncExitStack()
+
+        async def open_() -> tuple[Lease, AsyncIterator[str]]:
+            lease = await stack.enter_async_context(self.supervisor.lease(name, keep_alive))
+            events = await stack.enter_async_context(lease.upstream.stream(path, payload))
+            return lease, events
+
+        try:
+            lease, events = await unless_disconnected(request, open_())
+        except BaseException:
+            await stack.aclose()
+            raise
+        return lease, _deadline(events, lease), stack.aclose
+
+
+async def _deadline(events: AsyncIterator[str], lease: Lease) -> AsyncIterator[str]:
+    timeout = lease.entry.limits.request_timeout_s
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    iterator = events.__aiter__()
+    while True:
+        try:
+            data = await asyncio.wait_for(iterator.__anext__(), max(0.0, end - loop.time()))
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise GatewayTimeout(
+                f"model {lease.name!r} did not finish within request_timeout_s={timeout:g}"
+            ) from None
+        yield data
+
+
+async def _relay(events: AsyncIterator[str], name: str) -> AsyncIterator[bytes]:
+    try:
+        async for data in events:
+            if data == "[DONE]":
+                break
+            yield b"data: " + _rename(data, name).encode() + b"\n\n"
+    except GatewayError as exc:
+        yield _sse(exc.envelope())
+    yield b"data: [DONE]\n\n"
+
+
+def _rename(data: str, name: str) -> str:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        return data
+    if isinstance(chunk, dict) and "model" in chunk:
+        chunk["model"] = name
+        return json.dumps(chunk, ensure_ascii=False)
+    return data
+
+
+async def _seed_stream(events: AsyncIterator[str], name: str) -> AsyncIterator[bytes]:
+    """Seed-route stream: `{"delta"}` events, then the full seed reply, then [DONE]."""
+    text, finish, usage = "", None, None
+    try:
+        async for data in events:
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if "error" in chunk:
+                yield _sse({**chunk, "status": _status_of(chunk)})
+                yield b"data: [DONE]\n\n"
+                return
+            usage = chunk.get("usage") or usage
+            for choice in chunk.get("choices", []):
+                finish = choice.get("finish_reason") or finish
+                if delta := choice.get("delta", {}).get("content"):
+                    text += delta
+                    yield _sse({"delta": delta, "model": name})
+    except GatewayError as exc:
+        yield _sse({**exc.envelope(), "status": exc.status})
+        yield b"data: [DONE]\n\n"
+        return
+    reply = SeedReply(
+        response=text,
+        time=now_text(),
+        model=name,
+        finish_reason=finish,
+        usage=Usage.model_validate(usage) if usage else None,
+    )
+    yield _sse(reply.model_dump())
+    yield b"data: [DONE]\n\n"
+
+
+def _status_of(chunk: dict[str, Any]) -> int:
+    return 503 if chunk.get("error", {}).get("code") == "out_of_memory" else 500
+
+
+def _sse(body: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"

@@ -1,0 +1,204 @@
+"""Entry point of a worker process: `python -m gateway.worker` with LLMGW_WORKER_SPEC set.
+
+Resolves the weights, loads the model through its adapter, starts the batching engine,
+serves the OpenAI-compatible API on a unix socket, and reports progress, readiness or
+the reason it failed on the control channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gateway.worker.control import Control, exit_with_gateway
+from gateway.worker.spec import SPEC_ENV, WorkerSpec
+
+log = logging.getLogger("gateway.worker")
+
+
+class LoadFailure(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def main() -> int:
+    control = Control()
+    exit_with_gateway()
+    logging.basicConfig(
+        level=os.environ.get("LLMGW_LOG_LEVEL", "WARNING"),
+        stream=sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    spec = WorkerSpec.model_validate_json(os.environ[SPEC_ENV])
+    try:
+        state = load(spec, control)
+    except LoadFailure as exc:
+        control.send("failed", kind=exc.kind, message=str(exc))
+        return 2
+    except Exception as exc:  # the loader's own words are the most useful reason
+        control.send("failed", kind=_failure_kind(exc), message=f"{type(exc).__name__}: {exc}")
+        log.exception("loading %s failed", spec.name)
+        return 2
+    asyncio.run(serve(spec, state, control))
+    return 0
+
+
+def load(spec: WorkerSpec, control: Control) -> Any:
+    from adapters import adapter_class
+    from adapters.base import LoadSpec
+    from gateway import hub
+
+    started = time.perf_counter()
+    entry = spec.entry
+    control.progress("resolve", f"locating {entry.hub} weights {spec.weights}")
+    path = hub.locate(entry, spec.weights, Path(spec.cache_dir))
+    if path is None:
+        raise LoadFailure("not_downloaded", hub.missing_message(spec.name, entry, spec.weights))
+    load_spec = LoadSpec(
+        path=path,
+        dtype=entry.dtype,
+        gpus=spec.gpus,
+        max_memory=_max_memory(spec.max_memory),
+        trust_remote_code=entry.trust_remote_code,
+        revision=entry.revision if entry.hub == "huggingface" else None,
+        context_length=entry.limits.context_length,
+    )
+    adapter = adapter_class(entry.adapter)(load_spec)
+    for key, value in adapter.environment().items():
+        os.environ.setdefault(key, value)
+    _check_devices(spec)
+    control.progress("load", f"loading {path} with adapter {entry.adapter}")
+    adapter.load()
+    return _build_state(spec, adapter, time.perf_counter() - started)
+
+
+def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
+    from gateway.worker.engine import Engine
+    from gateway.worker.server import WorkerState
+
+    batching = spec.entry.batching
+    engine = Engine(adapter, batching.max_batch_size, batching.batch_wait_ms / 1000)
+    context = adapter.context_length()
+    runtime = _runtime(adapter, load_seconds, context, engine.max_batch_size)
+    return WorkerState(
+        name=spec.name,
+        adapter=adapter,
+        engine=engine,
+        defaults=adapter.sampling_defaults(),
+        stop_ids=frozenset(adapter.stop_token_ids()),
+        context_length=context,
+        info=lambda: {**runtime, "memory": memory_report(adapter.model)},
+    )
+
+
+async def serve(spec: WorkerSpec, state: Any, control: Control) -> None:
+    import uvicorn
+
+    from gateway.worker.server import create_worker_app
+
+    state.engine.start()
+    config = uvicorn.Config(
+        create_worker_app(state),
+        uds=spec.socket,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        timeout_keep_alive=300,
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    while not server.started and not serving.done():  # uvicorn offers no started event
+        await asyncio.sleep(0.01)  # noqa: ASYNC110
+    if server.started:
+        control.send("ready", runtime=state.info())
+    await serving
+    state.engine.stop()
+
+
+def _check_devices(spec: WorkerSpec) -> None:
+    if spec.gpus == 0:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise LoadFailure(
+            "no_gpu",
+            f"model {spec.name!r} is placed on GPUs {spec.entry.devices}, but CUDA is "
+            "not available on this machine; set `devices: cpu` to run it on the CPU",
+        )
+    if torch.cuda.device_count() < spec.gpus:
+        raise LoadFailure(
+            "no_gpu",
+            f"model {spec.name!r} needs GPUs {spec.entry.devices}; "
+            f"only {torch.cuda.device_count()} are visible",
+        )
+
+
+def _max_memory(raw: dict[str, int] | None) -> dict[int | str, int] | None:
+    if not raw:
+        return None
+    return {int(k) if k.isdigit() else k: v for k, v in raw.items()}
+
+
+def _runtime(adapter: Any, load_seconds: float, context: int, batch: int) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    model = adapter.model
+    return {
+        "python": platform.python_version(),
+        "executable": sys.executable,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "adapter": adapter.name,
+        "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+        "device": str(getattr(model, "device", "cpu")),
+        "device_map": getattr(model, "hf_device_map", None),
+        "context_length": context,
+        "max_batch_size": batch,
+        "load_seconds": round(load_seconds, 3),
+        "pid": os.getpid(),
+    }
+
+
+def memory_report(model: Any) -> dict[str, Any]:
+    import torch
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    report: dict[str, Any] = {
+        "weights_bytes": weights,
+        "rss_bytes": current_rss(),
+    }
+    if torch.cuda.is_available():
+        report["gpu_bytes"] = {
+            str(i): torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())
+        }
+    return report
+
+
+def current_rss() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux: the peak is the best we have
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _failure_kind(exc: BaseException) -> str:
+    text = f"{type(exc).__name__} {exc}".lower()
+    if "outofmemory" in text or "out of memory" in text:
+        return "out_of_memory"
+    return "load_error"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""One request inside a batched generation: its tokens, its text, when it ends.
+
+A `Row` is fed one token per decoding step by the generation thread. It detokenizes
+incrementally (never emitting half a UTF-8 character), holds back text that might be the
+start of a stop string, and reports deltas and its end through `emit`, which the engine
+makes thread-safe. Streaming and non-streaming replies are built from the same events, so
+they carry the same text.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from gateway.errors import GatewayError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    text: str
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: GatewayError
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass
+class Row:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stop_ids: frozenset[int]
+    decode: Callable[[Sequence[int]], str]
+    emit: Callable[[Event], None]
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    generator: Any = None  # a torch.Generator, made by the sampler on first use
+    _sent: int = 0
+    _prefix: int = 0
+    _read: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> None:
+        """Take the token this row produced in the latest decoding step."""
+        if self.done:
+            return
+        if self.cancelled.is_set():
+            self.finish("cancelled")
+            return
+        if token in self.stop_ids:
+            self.finish("stop")
+            return
+        self.output_ids.append(token)
+        self._detokenize()
+        if self.finish_reason is None and len(self.output_ids) >= self.params.max_new_tokens:
+            self.finish("length")
+        elif self.finish_reason is None:
+            self._flush(self._safe_end())
+
+    def finish(self, reason: str) -> None:
+        if self.done:
+            return
+        self.finish_reason = reason
+        self._flush(len(self.text))
+        self.emit(Finished(reason, len(self.prompt_ids), len(self.output_ids), self.text))
+
+    def fail(self, error: GatewayError) -> None:
+        if not self.done:
+            self.finish_reason = "error"
+            self.emit(Failed(error))
+
+    def _detokenize(self) -> None:
+        # Decode a short window rather than the whole reply: a token's text can depend on
+        # its neighbours (leading spaces, multi-byte characters split across tokens).
+        ids = self.output_ids
+        before = self.decode(ids[self._prefix : self._read])
+        after = self.decode(ids[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return  # an incomplete character: wait for the next token
+        self.text += after[len(before) :]
+        self._prefix, self._read = self._read, len(ids)
+        self._check_stop_strings(len(after) - len(before))
+
+    def _check_stop_strings(self, added: int) -> None:
+        longest = max((len(s) for s in self.params.stop), default=0)
+        if not longest:
+            return
+        start = max(0, len(self.text) - added - longest + 1)
+        hits = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.finish("stop")
+
+    def _safe_end(self) -> int:
+        """How much text can be sent: hold back a tail that may begin a stop string."""
+        held = 0
+        for stop in self.params.stop:
+            for size in range(min(len(stop) - 1, len(self.text)), held, -1):
+                if self.text.endswith(stop[:size]):
+                    held = size
+                    break
+        return len(self.text) - held
+
+    def _flush(self, end: int) -> None:
+        if end > self._sent:
+            self.emit(Delta(self.text[self._sent : end]))
+            self._sent = end

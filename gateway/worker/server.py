@@ -1,0 +1,163 @@
+"""The worker's HTTP face: an OpenAI-compatible API over one loaded model.
+
+The gateway reaches it over a unix socket. Prompts are built by the adapter, checked
+against the context, queued on the engine; replies come back as one body or as
+server-sent events. A client that goes away cancels its row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from adapters.base import Adapter, Prompt, SamplingDefaults
+from gateway.errors import BadRequest, ContextLengthExceeded, GatewayError
+from gateway.http import install_error_handlers, unless_disconnected
+from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, completion_id
+from gateway.worker.engine import Engine
+from gateway.worker.responses import ChunkWriter, Kind, full_reply
+from gateway.worker.rows import Delta, Event, Failed, Finished, Row, SamplingParams
+
+
+@dataclass
+class WorkerState:
+    name: str
+    adapter: Adapter
+    engine: Engine
+    defaults: SamplingDefaults
+    stop_ids: frozenset[int]
+    context_length: int
+    info: Callable[[], dict[str, Any]]
+
+
+def create_worker_app(state: WorkerState) -> FastAPI:
+    app = FastAPI(title=f"llm-gateway worker: {state.name}", docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = state.engine.alive
+        body = {"status": "ok" if ok else "engine stopped", "queued": state.engine.queued}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/info")
+    async def info() -> dict[str, Any]:
+        return state.info()
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Any:
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt = await _build(state.adapter.chat_prompt, messages)
+        return await _serve(state, request, "chat", body, prompt, "messages")
+
+    @app.post("/v1/completions", response_model=None)
+    async def completion(body: CompletionRequest, request: Request) -> Any:
+        prompt = await _build(state.adapter.completion_prompt, body.prompt)
+        return await _serve(state, request, "completion", body, prompt, "prompt")
+
+    return app
+
+
+async def _build(render: Callable[[Any], Prompt], value: Any) -> Prompt:
+    try:
+        return await asyncio.to_thread(render, value)
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+
+
+async def _serve(
+    state: WorkerState,
+    request: Request,
+    kind: Kind,
+    body: ChatCompletionRequest | CompletionRequest,
+    prompt: Prompt,
+    prompt_param: str,
+) -> Any:
+    params = _sampling(state, body, len(prompt.ids), prompt_param)
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Event] = asyncio.Queue()
+
+    def emit(event: Event) -> None:  # called from the generation thread
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    row = Row(
+        prompt_ids=prompt.ids,
+        params=params,
+        stop_ids=state.stop_ids,
+        decode=state.adapter.decode,
+        emit=emit,
+    )
+    state.engine.submit(row)
+    reply_id = completion_id("chatcmpl" if kind == "chat" else "cmpl")
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        writer = ChunkWriter(kind, reply_id, body.model, include_usage)
+        return StreamingResponse(_stream(row, events, writer), media_type="text/event-stream")
+    try:
+        done = await unless_disconnected(request, _collect(events))
+    finally:
+        row.cancelled.set()  # a no-op when the row already finished
+    return full_reply(kind, reply_id, body.model, done)
+
+
+def _sampling(
+    state: WorkerState, body: SamplingFields, prompt_tokens: int, prompt_param: str
+) -> SamplingParams:
+    requested = body.max_completion_tokens if isinstance(body, ChatCompletionRequest) else None
+    requested = requested or getattr(body, "max_tokens", None)
+    room = state.context_length - prompt_tokens
+    if room <= 0 or (requested is not None and requested > room):
+        raise ContextLengthExceeded(
+            f"this model's context is {state.context_length} tokens; the {prompt_param} take "
+            f"{prompt_tokens} and max_tokens asks for {requested or 1} more "
+            f"({prompt_tokens + (requested or 1)} in all)",
+            param="max_tokens" if requested and room > 0 else prompt_param,
+        )
+    d = state.defaults
+    return SamplingParams(
+        max_new_tokens=requested or min(256, room),
+        temperature=d.temperature if body.temperature is None else body.temperature,
+        top_p=d.top_p if body.top_p is None else body.top_p,
+        top_k=d.top_k if body.top_k is None else body.top_k,
+        repetition_penalty=d.repetition_penalty
+        if body.repetition_penalty is None
+        else body.repetition_penalty,
+        seed=body.seed,
+        stop=tuple(body.stop_list()),
+    )
+
+
+async def _collect(events: asyncio.Queue[Event]) -> Finished:
+    while True:
+        event = await events.get()
+        if isinstance(event, Finished):
+            return event
+        if isinstance(event, Failed):
+            raise event.error
+
+
+async def _stream(
+    row: Row, events: asyncio.Queue[Event], writer: ChunkWriter
+) -> AsyncIterator[bytes]:
+    try:
+        if first := writer.first():
+            yield first
+        while True:
+            event = await events.get()
+            if isinstance(event, Delta):
+                yield writer.delta(event.text)
+            elif isinstance(event, Finished):
+                yield writer.last(event)
+                return
+            else:
+                yield writer.error(event.error)
+                return
+    except GatewayError as exc:
+        yield writer.error(exc)
+    finally:
+        row.cancelled.set()

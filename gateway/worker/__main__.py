@@ -115,8 +115,8 @@ async def serve(spec: WorkerSpec, state: Any, control: Control) -> None:
     )
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve())
-    while not server.started and not serving.done():  # uvicorn offers no started event
-        await asyncio.sleep(0.01)  # noqa: ASYNC110
+    while not server.started and not serving.done():  # noqa: ASYNC110 (uvicorn has no event)
+        await asyncio.sleep(0.01)
     if server.started:
         control.send("ready", runtime=state.info())
     await serving

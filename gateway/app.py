@@ -53,6 +53,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
             reaper.cancel()
             await supervisor.shutdown()
             shutil.rmtree(run_dir, ignore_errors=True)
+            log.info("gateway stopped; every worker has exited")
 
     app = FastAPI(
         title="llm-gateway",

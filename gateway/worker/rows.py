@@ -66,6 +66,7 @@ class Row:
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: Any = None  # a torch.Generator, made by the sampler on first use
     _sent: int = 0
+    _stop_hit: bool = False
     _prefix: int = 0
     _read: int = 0
 
@@ -84,15 +85,18 @@ class Row:
             self.finish("stop")
             return
         self.output_ids.append(token)
-        self._detokenize()
-        if self.finish_reason is None and len(self.output_ids) >= self.params.max_new_tokens:
+        if self._detokenize():
+            self.finish("stop")
+        elif len(self.output_ids) >= self.params.max_new_tokens:
             self.finish("length")
-        elif self.finish_reason is None:
+        else:
             self._flush(self._safe_end())
 
     def finish(self, reason: str) -> None:
         if self.done:
             return
+        if not self._stop_hit and self._detokenize(final=True):
+            reason = "stop"  # the held-back text completed a stop string
         self.finish_reason = reason
         self._flush(len(self.text))
         self.emit(Finished(reason, len(self.prompt_ids), len(self.output_ids), self.text))
@@ -102,27 +106,32 @@ class Row:
             self.finish_reason = "error"
             self.emit(Failed(error))
 
-    def _detokenize(self) -> None:
+    def _detokenize(self, final: bool = False) -> bool:
+        """Extend `text` with what the new tokens spell; True if a stop string was hit."""
         # Decode a short window rather than the whole reply: a token's text can depend on
         # its neighbours (leading spaces, multi-byte characters split across tokens).
         ids = self.output_ids
+        if self._read == len(ids):
+            return False
         before = self.decode(ids[self._prefix : self._read])
         after = self.decode(ids[self._prefix :])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return  # an incomplete character: wait for the next token
-        self.text += after[len(before) :]
+        if not final and (len(after) <= len(before) or after.endswith("\ufffd")):
+            return False  # an incomplete character: wait for the next token
+        added = after[len(before) :]
+        self.text += added
         self._prefix, self._read = self._read, len(ids)
-        self._check_stop_strings(len(after) - len(before))
+        return self._cut_at_stop_string(len(added))
 
-    def _check_stop_strings(self, added: int) -> None:
+    def _cut_at_stop_string(self, added: int) -> bool:
         longest = max((len(s) for s in self.params.stop), default=0)
         if not longest:
-            return
+            return False
         start = max(0, len(self.text) - added - longest + 1)
         hits = [i for s in self.params.stop if (i := self.text.find(s, start)) >= 0]
         if hits:
             self.text = self.text[: min(hits)]
-            self.finish("stop")
+            self._stop_hit = True
+        return bool(hits)
 
     def _safe_end(self) -> int:
         """How much text can be sent: hold back a tail that may begin a stop string."""

@@ -72,7 +72,9 @@ def build_tokenizer(out: Path, vocab_size: int = 600) -> Any:
     return wrapped
 
 
-def build_model(tokenizer: Any, seed: int, layers: int = 2, hidden: int = 64) -> Any:
+def build_model(
+    tokenizer: Any, seed: int, layers: int = 2, hidden: int = 64, init_std: float = 0.02
+) -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -90,7 +92,12 @@ def build_model(tokenizer: Any, seed: int, layers: int = 2, hidden: int = 64) ->
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
     )
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    if init_std != 0.02:  # wider weights make an untrained model say varied things
+        for parameter in model.parameters():
+            if parameter.dim() > 1:
+                torch.nn.init.normal_(parameter, std=init_std)
+    return model
 
 
 def train(model: Any, tokenizer: Any, steps: int, seed: int) -> float:
@@ -119,13 +126,18 @@ def train(model: Any, tokenizer: Any, steps: int, seed: int) -> float:
 
 
 def build(
-    out: Path, seed: int = 0, train_steps: int = 0, layers: int = 2, hidden: int = 64
+    out: Path,
+    seed: int = 0,
+    train_steps: int = 0,
+    layers: int = 2,
+    hidden: int = 64,
+    init_std: float = 0.02,
 ) -> Path:
     from transformers import GenerationConfig
 
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(out)
-    model = build_model(tokenizer, seed, layers, hidden)
+    model = build_model(tokenizer, seed, layers, hidden, init_std)
     loss = train(model, tokenizer, train_steps, seed) if train_steps else None
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
@@ -146,8 +158,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=0)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--init-std", type=float, default=0.02)
     args = parser.parse_args()
-    path = build(args.out, args.seed, args.train_steps, args.layers, args.hidden)
+    path = build(args.out, args.seed, args.train_steps, args.layers, args.hidden, args.init_std)
     print(f"built {path}")
 
 

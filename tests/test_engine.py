@@ -1,0 +1,234 @@
+"""The worker's batching engine, in process, on a real tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from adapters.base import LoadSpec
+from adapters.chat_template import ChatTemplateAdapter
+from gateway.errors import OutOfMemory
+from gateway.worker.engine import BatchRecord, Engine
+from gateway.worker.rows import Delta, Event, Failed, Finished, Row, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model: Path) -> ChatTemplateAdapter:
+    loaded = ChatTemplateAdapter(LoadSpec(path=tiny_model, dtype="float32"))
+    loaded.load()
+    return loaded
+
+
+class Run:
+    """An engine plus helpers to submit rows and collect their events."""
+
+    def __init__(self, adapter: Any, max_batch_size: int = 8, wait_s: float = 0.05) -> None:
+        self.batches: list[BatchRecord] = []
+        self.adapter = adapter
+        self.engine = Engine(adapter, max_batch_size, wait_s, on_batch=self.batches.append)
+        self.engine.start()
+
+    def row(self, prompt: str, **params: Any) -> tuple[Row, list[Event], threading.Event]:
+        events: list[Event] = []
+        done = threading.Event()
+
+        def emit(event: Event) -> None:
+            events.append(event)
+            if not isinstance(event, Delta):
+                done.set()
+
+        ids = self.adapter.chat_prompt([{"role": "user", "content": prompt}]).ids
+        sampling = SamplingParams(**{"max_new_tokens": 16, **params})
+        row = Row(ids, sampling, frozenset(self.adapter.stop_token_ids()), self.adapter.decode, emit)
+        return row, events, done
+
+    def run(self, *rows: tuple[Row, list[Event], threading.Event]) -> list[Finished]:
+        for row, _, _ in rows:
+            self.engine.submit(row)
+        for _, _, done in rows:
+            assert done.wait(60)
+        while self.engine.busy_rows or self.engine.queued:  # the batch record comes last
+            time.sleep(0.001)
+        results = [events[-1] for _, events, _ in rows]
+        assert all(isinstance(r, Finished) for r in results), results
+        return results  # type: ignore[return-value]
+
+
+@pytest.fixture
+def run(adapter: ChatTemplateAdapter) -> Iterator[Run]:
+    runner = Run(adapter)
+    yield runner
+    runner.engine.stop()
+
+
+PROMPTS = ["hello", "你好,你是谁？", "a much longer prompt with many more words in it", "谢谢"]
+
+
+def test_batched_greedy_rows_equal_the_same_rows_run_alone(run: Run) -> None:
+    alone = [run.run(run.row(p))[0].text for p in PROMPTS]
+    together = [f.text for f in run.run(*(run.row(p) for p in PROMPTS))]
+    assert together == alone
+    assert run.batches[-1].size == len(PROMPTS)  # they really shared one generate call
+
+
+def test_each_row_keeps_its_own_token_limit(run: Run) -> None:
+    results = run.run(run.row("a", max_new_tokens=3), run.row("b", max_new_tokens=11))
+    assert [r.completion_tokens for r in results] == [3, 11]
+    assert [r.reason for r in results] == ["length", "length"]
+
+
+def test_a_stop_string_ends_only_its_own_row(run: Run) -> None:
+    free = run.run(run.row("hello", max_new_tokens=12))[0].text
+    stop = free[3:5]
+    assert stop and stop in free
+    cut, other = run.run(
+        run.row("hello", max_new_tokens=12, stop=(stop,)), run.row("hello", max_new_tokens=12)
+    )
+    assert cut.reason == "stop"
+    assert cut.text == free[: free.index(stop)]
+    assert other.text == free
+
+
+def test_streamed_deltas_add_up_to_the_final_text(run: Run) -> None:
+    row = run.row("你好", max_new_tokens=20)
+    done = run.run(row)[0]
+    deltas = "".join(e.text for e in row[1] if isinstance(e, Delta))
+    assert deltas == done.text
+
+
+def test_a_seeded_sampled_row_is_reproducible_alone_and_in_a_batch(run: Run) -> None:
+    params = {"temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 1234}
+    alone = run.run(run.row("hello", **params))[0].text
+    again = run.run(run.row("hello", **params))[0].text
+    in_batch = run.run(run.row("hello", **params), run.row("other prompt", temperature=1.5))[0]
+    assert alone == again == in_batch.text
+    other_seed = run.run(run.row("hello", **{**params, "seed": 99}))[0].text
+    assert other_seed != alone
+
+
+def test_repetition_penalty_changes_a_greedy_reply(run: Run) -> None:
+    plain = run.run(run.row("hello", max_new_tokens=24))[0].text
+    penalized = run.run(run.row("hello", max_new_tokens=24, repetition_penalty=5.0))[0].text
+    assert plain != penalized
+
+
+def test_a_cancelled_row_stops_within_two_steps_and_the_others_continue(run: Run) -> None:
+    victim = run.row("hello", max_new_tokens=200)
+    survivor = run.row("hello", max_new_tokens=200)
+    row, events, _ = victim
+
+    def cancel_after_five_tokens() -> None:
+        while len(row.output_ids) < 5:
+            time.sleep(0.001)
+        row.cancelled.set()
+        seen_at_cancel.append(len(row.output_ids))
+
+    seen_at_cancel: list[int] = []
+    canceller = threading.Thread(target=cancel_after_five_tokens)
+    canceller.start()
+    cancelled, finished = run.run(victim, survivor)
+    canceller.join()
+    assert cancelled.reason == "cancelled"
+    assert cancelled.completion_tokens - seen_at_cancel[0] <= 2
+    assert finished.reason == "length" and finished.completion_tokens == 200
+
+
+def test_a_row_cancelled_while_queued_never_runs(run: Run) -> None:
+    row = run.row("hello")
+    row[0].cancelled.set()
+    assert run.run(row)[0].reason == "cancelled"
+    assert row[0].output_ids == []
+
+
+def test_concurrent_submissions_are_gathered_into_one_batch(adapter: ChatTemplateAdapter) -> None:
+    runner = Run(adapter, max_batch_size=4, wait_s=0.2)
+    try:
+        runner.run(*(runner.row(f"prompt {i}", max_new_tokens=4) for i in range(6)))
+        assert sorted(b.size for b in runner.batches) == [2, 4]
+    finally:
+        runner.engine.stop()
+
+
+def test_an_adapter_that_forbids_batching_runs_rows_one_by_one(
+    adapter: ChatTemplateAdapter,
+) -> None:
+    class Unbatchable:
+        max_batch_size = 1
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(adapter, name)
+
+    runner = Run(Unbatchable(), max_batch_size=8, wait_s=0.1)
+    try:
+        runner.run(*(runner.row(p, max_new_tokens=3) for p in PROMPTS))
+        assert [b.size for b in runner.batches] == [1, 1, 1, 1]
+    finally:
+        runner.engine.stop()
+
+
+def test_out_of_memory_fails_only_that_batch(adapter: ChatTemplateAdapter) -> None:
+    import torch
+
+    class OomOnce:
+        max_batch_size = None
+
+        def __init__(self) -> None:
+            self.model = self._Model()
+
+        class _Model:
+            calls = 0
+
+            def generate(self, **kwargs: Any) -> Any:
+                type(self).calls += 1
+                if type(self).calls == 1:
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+                return adapter.model.generate(**kwargs)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(adapter.model, name)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(adapter, name)
+
+    runner = Run(OomOnce())
+    try:
+        row = runner.row("hello")
+        runner.engine.submit(row[0])
+        assert row[2].wait(30)
+        failure = row[1][-1]
+        assert isinstance(failure, Failed) and isinstance(failure.error, OutOfMemory)
+        assert failure.error.status == 503
+        assert runner.run(runner.row("hello", max_new_tokens=2))[0].completion_tokens == 2
+    finally:
+        runner.engine.stop()
+
+
+def test_rows_report_events_on_the_event_loop(adapter: ChatTemplateAdapter) -> None:
+    async def main() -> str:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        runner = Run(adapter)
+        ids = adapter.chat_prompt([{"role": "user", "content": "hi"}]).ids
+        row = Row(
+            ids,
+            SamplingParams(max_new_tokens=5),
+            frozenset(adapter.stop_token_ids()),
+            adapter.decode,
+            lambda e: loop.call_soon_threadsafe(queue.put_nowait, e),
+        )
+        runner.engine.submit(row)
+        text = ""
+        while not isinstance(event := await asyncio.wait_for(queue.get(), 30), Finished):
+            assert isinstance(event, Delta)
+            text += event.text
+        runner.engine.stop()
+        assert text == event.text
+        return text
+
+    assert asyncio.run(main())

@@ -7,6 +7,7 @@ import atexit
 import contextlib
 import logging
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,8 @@ from gateway.http import install_error_handlers
 from gateway.launcher import Launcher, ProcessLauncher
 from gateway.middleware import BodyLimit
 from gateway.registry import LoadedRegistry
+from gateway.reloader import Reloader
+from gateway.routes.admin import admin_router
 from gateway.routes.health import health_router
 from gateway.routes.openai import openai_router
 from gateway.routes.seed import seed_router
@@ -37,20 +40,29 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
         atexit.register(process_launcher.kill_all)  # a last resort if shutdown never ran
         launcher = process_launcher
     supervisor = Supervisor(registry, launcher)
+    reloader = Reloader(loaded, supervisor)
     inference = Inference(supervisor)
     accepting = False
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal accepting
-        reaper = asyncio.create_task(supervisor.run_reaper())
+        background = [asyncio.create_task(supervisor.run_reaper())]
+        if settings.watch_config:
+            background.append(asyncio.create_task(reloader.watch()))
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(
+            signal.SIGHUP, lambda: background.append(loop.create_task(reloader.reload_quietly()))
+        )
         accepting = True
         log.info("serving %d models from %s", len(registry.models), loaded.path)
         try:
             yield
         finally:
             accepting = False
-            reaper.cancel()
+            loop.remove_signal_handler(signal.SIGHUP)
+            for task in background:
+                task.cancel()
             await supervisor.shutdown()
             shutil.rmtree(run_dir, ignore_errors=True)
             log.info("gateway stopped; every worker has exited")
@@ -66,6 +78,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     install_error_handlers(app)
     app.include_router(health_router(lambda: accepting))
     app.include_router(openai_router(inference, supervisor))
+    app.include_router(admin_router(supervisor, reloader))
     app.include_router(seed_router(inference, supervisor))  # last: POST /{model} catches all
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app

@@ -32,7 +32,8 @@ from gateway.protocol import (
     resolve_completion,
     seed_to_chat,
 )
-from gateway.supervisor import Lease, Supervisor
+from gateway.runtime import Lease
+from gateway.supervisor import Supervisor
 
 T = TypeVar("T")
 CHAT_PATH = "/v1/chat/completions"

@@ -1,22 +1,25 @@
-"""Model lifecycle: which models are resident, and getting a request to a ready one.
+"""Model lifecycle: which models are resident, and getting each request to a ready one.
 
 State table (one `ModelRuntime` per registry entry):
 
-    state      event                              next       notes
-    unloaded   request / admin load               starting   one start task, all waiters share it
-    starting   worker reports ready               ready
-    starting   load fails / times out             failed     reason kept; retried after a backoff
-    ready      idle past its keep-alive / evicted draining   only when nothing is in flight
-    ready      admin unload / entry changed       draining   waits for in-flight requests
-    ready      worker exits unexpectedly          unloaded   in-flight requests get 502; the next
-                                                             request starts a fresh worker
-    draining   in-flight requests done            unloaded   worker stopped, memory returned
-    failed     backoff elapsed + request / load   starting
+    state      event                                  next       notes
+    unloaded   request / admin load                   starting   one start task; waiters share it
+    starting   worker reports ready                   ready
+    starting   load fails, or can never fit           failed     reason kept; retry after backoff
+    starting   must wait for busy models, times out   unloaded   503 with Retry-After
+    ready      idle past keep-alive / evicted         draining   only when nothing is in flight
+    ready      admin unload, entry changed or removed draining   waits for in-flight requests
+    ready      worker exits unexpectedly              unloaded   in-flight requests get 502;
+                                                                 the next starts a fresh worker
+    draining   in-flight requests done                unloaded   worker stopped, memory returned
+    failed     backoff elapsed + request / load       starting
 
-Requests take a `lease`: the model name resolves first (404), then the admission limiter
-(429 when the queue is full, 503 after queue_timeout_s), then the model is made ready
-(bounded by load_timeout_s), then the request runs with the model marked busy, so it is
-never evicted or unloaded under a request.
+A request takes a `lease`: the name resolves first (404), then admission (429 when the
+queue is full, 503 after queue_timeout_s), then the model is made ready (bounded by
+load_timeout_s), then the request runs with the model marked busy: a busy model is never
+evicted or unloaded under a request. Loads are placed one at a time: a load that does not
+fit its devices' budgets evicts least-recently-used idle models, waits for busy ones to
+drain, and is refused when it could never fit.
 """
 
 from __future__ import annotations
@@ -29,15 +32,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import Enum
+from pathlib import Path
 from typing import Any
 
+from gateway import budget, hub
 from gateway.admission import Admission
 from gateway.config import ModelEntry, Registry
 from gateway.errors import ModelNotFound, ModelUnavailable
 from gateway.events import EventBus
 from gateway.launcher import Backend, Launcher, LoadFailed
-from gateway.upstream import Upstream
+from gateway.runtime import Lease, ModelRuntime, State, describe
 
 log = logging.getLogger(__name__)
 
@@ -45,47 +49,15 @@ CRASH_WINDOW_S = 60.0
 MAX_CRASHES = 3
 BACKOFF_START_S = 2.0
 BACKOFF_MAX_S = 300.0
-
-
-class State(str, Enum):
-    UNLOADED = "unloaded"
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
-    FAILED = "failed"
-
-
-@dataclass
-class ModelRuntime:
-    name: str
-    entry: ModelEntry
-    admission: Admission
-    state: State = State.UNLOADED
-    backend: Backend | None = None
-    start_task: asyncio.Task[Backend] | None = None
-    stop_task: asyncio.Task[None] | None = None
-    in_flight: int = 0
-    last_used: float | None = None  # wall clock, for display
-    last_used_mono: float = 0.0
-    keep_alive_s: float | None = None  # the latest request's wish, overriding the entry's
-    load_started: float | None = None
-    load_seconds: float | None = None
-    progress: dict[str, Any] | None = None
-    last_error: str | None = None
-    failures: int = 0
-    retry_at: float = 0.0
-    crashes: list[float] = field(default_factory=list)
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
+TRANSIENT = frozenset({"no_room"})  # load failures that say nothing about the model itself
 
 
 @dataclass(frozen=True)
-class Lease:
-    name: str
-    entry: ModelEntry
-    upstream: Upstream
+class ReloadReport:
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    unchanged: list[str] = field(default_factory=list)
 
 
 class Supervisor:
@@ -104,6 +76,9 @@ class Supervisor:
         self.models: dict[str, ModelRuntime] = {
             name: self._runtime(name, entry) for name, entry in registry.models.items()
         }
+        self._retiring: set[ModelRuntime] = set()
+        self._placement = asyncio.Lock()
+        self._changed = asyncio.Event()  # replaced on every change; see _notify
         self._closing = False
 
     # -- lookups ----------------------------------------------------------------------------
@@ -122,6 +97,9 @@ class Supervisor:
         if name is None:
             raise ModelNotFound("no default_model is configured; POST /<model> instead")
         return name
+
+    def status(self, runtime: ModelRuntime) -> dict[str, Any]:
+        return describe(runtime, self.idle_ttl(runtime))
 
     # -- serving ----------------------------------------------------------------------------
 
@@ -142,25 +120,24 @@ class Supervisor:
                     runtime.keep_alive_s = keep_alive
                 if runtime.in_flight == 0:
                     runtime.idle.set()
+                    self._notify()
                     self._unload_if_expired(runtime)
 
     async def _ready(self, runtime: ModelRuntime) -> Backend:
         if self._closing:
             raise ModelUnavailable("the gateway is shutting down", headers={"Retry-After": "5"})
-        if runtime.state == State.READY and runtime.backend is not None:
-            return runtime.backend
         if runtime.stop_task is not None:  # let a drain finish, then start afresh
             await asyncio.shield(runtime.stop_task)
+        if runtime.state == State.READY and runtime.backend is not None:
+            return runtime.backend
         if runtime.state == State.FAILED and self.clock() < runtime.retry_at:
-            wait = max(1, math.ceil(runtime.retry_at - self.clock()))
             raise ModelUnavailable(
                 f"model {runtime.name!r} failed to load: {runtime.last_error}",
-                headers={"Retry-After": str(wait)},
+                headers={"Retry-After": self._retry_after(runtime)},
             )
-        task = self._start(runtime)
         timeout = self.registry.gateway.load_timeout_s
         try:
-            return await asyncio.wait_for(asyncio.shield(task), timeout)
+            return await asyncio.wait_for(asyncio.shield(self._start(runtime)), timeout)
         except asyncio.TimeoutError:
             raise ModelUnavailable(
                 f"model {runtime.name!r} is still loading after {timeout:g}s; retry later",
@@ -169,9 +146,13 @@ class Supervisor:
             ) from None
         except LoadFailed as exc:
             raise ModelUnavailable(
-                f"model {runtime.name!r} failed to load: {exc.message}",
-                headers={"Retry-After": str(max(1, math.ceil(runtime.retry_at - self.clock())))},
+                f"model {runtime.name!r} could not load: {exc.message}",
+                code=exc.kind if exc.kind in ("no_room", "too_big") else "model_unavailable",
+                headers={"Retry-After": self._retry_after(runtime)},
             ) from None
+
+    def _retry_after(self, runtime: ModelRuntime) -> str:
+        return str(max(1, math.ceil(runtime.retry_at - self.clock())))
 
     def _start(self, runtime: ModelRuntime) -> asyncio.Task[Backend]:
         if runtime.start_task is None or runtime.start_task.done():
@@ -182,22 +163,26 @@ class Supervisor:
     async def _load(self, runtime: ModelRuntime) -> Backend:
         self._set_state(runtime, State.STARTING)
         runtime.load_started = time.time()
-        started = self.clock()
         runtime.progress = None
-
-        def on_progress(message: dict[str, Any]) -> None:
-            runtime.progress = {k: v for k, v in message.items() if k != "event"}
-            self.events.publish({"type": "progress", "model": runtime.name, **runtime.progress})
-
+        runtime.stale = False
+        started = self.clock()
         try:
-            backend = await self.launcher.launch(runtime.name, runtime.entry, on_progress)
+            await self._make_room(runtime)
+            backend = await self.launcher.launch(
+                runtime.name, runtime.entry, lambda m: self._on_progress(runtime, m)
+            )
         except LoadFailed as exc:
-            self._fail(runtime, exc.message)
+            self._fail(runtime, exc)
+            raise
+        except asyncio.CancelledError:
+            runtime.footprint = {}
+            self._set_state(runtime, State.UNLOADED)
             raise
         except Exception as exc:
             log.exception("starting %s failed", runtime.name)
-            self._fail(runtime, f"{type(exc).__name__}: {exc}")
-            raise LoadFailed("launch", str(exc)) from exc
+            failure = LoadFailed("launch", f"{type(exc).__name__}: {exc}")
+            self._fail(runtime, failure)
+            raise failure from exc
         finally:
             runtime.start_task = None
         runtime.backend = backend
@@ -205,33 +190,97 @@ class Supervisor:
         runtime.failures = 0
         runtime.last_error = None
         runtime.progress = None
+        memory = backend.runtime.get("memory")
+        runtime.footprint = budget.measured(runtime.entry, memory) or runtime.estimate
         self._set_state(runtime, State.READY)
         backend.exited.add_done_callback(lambda fut: self._on_exit(runtime, backend, fut))
         return backend
 
-    def _fail(self, runtime: ModelRuntime, message: str) -> None:
+    def _on_progress(self, runtime: ModelRuntime, message: dict[str, Any]) -> None:
+        runtime.progress = {k: v for k, v in message.items() if k != "event"}
+        self.events.publish({"type": "progress", "model": runtime.name, **runtime.progress})
+
+    def _fail(self, runtime: ModelRuntime, failure: LoadFailed) -> None:
+        runtime.footprint = {}
+        runtime.last_error = failure.message
+        if failure.kind in TRANSIENT:
+            runtime.retry_at = 0.0
+            self._set_state(runtime, State.UNLOADED)
+            return
         runtime.failures += 1
-        runtime.last_error = message
         backoff = min(BACKOFF_MAX_S, BACKOFF_START_S * 2 ** (runtime.failures - 1))
         runtime.retry_at = self.clock() + backoff
         self._set_state(runtime, State.FAILED)
-        log.error("model %s failed: %s", runtime.name, message)
+        log.error("model %s failed: %s", runtime.name, failure.message)
 
     def _on_exit(self, runtime: ModelRuntime, backend: Backend, fut: asyncio.Future[int]) -> None:
-        if runtime.backend is not backend or runtime.state in (State.DRAINING, State.UNLOADED):
+        if runtime.backend is not backend or runtime.state != State.READY:
             return  # a stop we asked for
         code = fut.result() if not fut.cancelled() else -1
         runtime.backend = None
+        runtime.footprint = {}
         now = self.clock()
         runtime.crashes = [t for t in runtime.crashes if now - t < CRASH_WINDOW_S] + [now]
         message = f"the worker exited unexpectedly (code {code})"
         if len(runtime.crashes) >= MAX_CRASHES:
-            self._fail(runtime, f"{message}; {len(runtime.crashes)} crashes in {CRASH_WINDOW_S:g}s")
+            crashes = f"{message}; {len(runtime.crashes)} crashes in {CRASH_WINDOW_S:g}s"
+            self._fail(runtime, LoadFailed("crashed", crashes))
         else:
             runtime.last_error = message
             self._set_state(runtime, State.UNLOADED)
             log.warning("model %s: %s; the next request starts a new worker", runtime.name, message)
         asyncio.get_running_loop().create_task(backend.stop(1.0))
+
+    # -- placement --------------------------------------------------------------------------
+
+    async def _make_room(self, runtime: ModelRuntime) -> None:
+        """Reserve the model's memory, evicting idle models or waiting for busy ones."""
+        budgets = self.registry.gateway.memory_budget
+        runtime.estimate = budget.estimate(runtime.entry, self._local_path(runtime.entry))
+        deadline = self.clock() + self.registry.gateway.load_timeout_s
+        async with self._placement:
+            while True:
+                residents = [
+                    budget.Resident(r.name, r.footprint, r.busy, r.entry.pinned, r.last_used_mono)
+                    for r in self._all_runtimes()
+                    if r is not runtime and r.footprint
+                ]
+                plan = budget.plan(runtime.estimate, budgets, residents)
+                if plan.too_big is not None:
+                    raise LoadFailed("too_big", plan.too_big.message(runtime.name))
+                for name in plan.evict:
+                    log.info("evicting %s to make room for %s", name, runtime.name)
+                    self.events.publish({"type": "evict", "model": name, "for": runtime.name})
+                    await self._stop(self.models[name])
+                if not plan.blocked_by:
+                    runtime.footprint = dict(runtime.estimate)
+                    return
+                await self._wait_for_change(plan.blocked_by, deadline)
+
+    async def _wait_for_change(self, busy: list[str], deadline: float) -> None:
+        timeout = deadline - self.clock()
+        try:
+            await asyncio.wait_for(self._changed.wait(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            verb = "is" if len(busy) == 1 else "are"
+            raise LoadFailed(
+                "no_room",
+                f"no room on its devices while {', '.join(busy)} {verb} busy "
+                f"(waited {max(0.0, timeout):.0f}s)",
+            ) from None
+
+    def _notify(self) -> None:
+        """Wake everything waiting for a model to change state or go idle."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def _local_path(self, entry: ModelEntry) -> Path | None:
+        if entry.source is None:
+            return None
+        return hub.locate(entry, entry.source, Path(self.registry.gateway.cache_dir))
+
+    def _all_runtimes(self) -> list[ModelRuntime]:
+        return [*self.models.values(), *self._retiring]
 
     # -- explicit control -------------------------------------------------------------------
 
@@ -273,7 +322,10 @@ class Supervisor:
         runtime.backend = None
         await backend.stop(10.0)
         runtime.keep_alive_s = None
+        runtime.footprint = {}
         self._set_state(runtime, State.UNLOADED)
+
+    # -- idle unload ------------------------------------------------------------------------
 
     def _unload_if_expired(self, runtime: ModelRuntime) -> None:
         if self._expired(runtime):
@@ -299,7 +351,7 @@ class Supervisor:
         expired = [r for r in self.models.values() if self._expired(r)]
         await asyncio.gather(*(self._stop(r) for r in expired))
 
-    async def run_reaper(self, interval_s: float = 1.0) -> None:
+    async def run_reaper(self, interval_s: float = 0.5) -> None:
         while True:
             await asyncio.sleep(interval_s)
             try:
@@ -307,48 +359,73 @@ class Supervisor:
             except Exception:
                 log.exception("idle reaper failed")
 
+    # -- registry changes -------------------------------------------------------------------
+
+    def apply(self, registry: Registry) -> ReloadReport:
+        """Switch to a new registry: add, retire and restart models; keep the unchanged."""
+        report = ReloadReport()
+        old = self.models
+        self.registry = registry
+        models: dict[str, ModelRuntime] = {}
+        for name, entry in registry.models.items():
+            runtime = old.get(name)
+            if runtime is None:
+                models[name] = self._runtime(name, entry)
+                report.added.append(name)
+            elif runtime.entry == entry:
+                models[name] = runtime
+                report.unchanged.append(name)
+            else:
+                models[name] = self._replace_entry(runtime, entry)
+                report.changed.append(name)
+        for name, runtime in old.items():
+            if name not in registry.models:
+                report.removed.append(name)
+                self._retire(runtime)
+        self.models = models
+        self.events.publish({"type": "reload", **report.__dict__})
+        return report
+
+    def _replace_entry(self, runtime: ModelRuntime, entry: ModelEntry) -> ModelRuntime:
+        if runtime.entry.limits != entry.limits:
+            runtime.admission = Admission(runtime.name, entry.limits)
+        runtime.entry = entry
+        runtime.retry_at = 0.0  # a new entry deserves a fresh try
+        if runtime.state == State.FAILED:
+            self._set_state(runtime, State.UNLOADED)
+        if runtime.backend is not None or runtime.start_task is not None:
+            runtime.stale = True  # new requests wait for the drain, then start the new entry
+            asyncio.get_running_loop().create_task(self._stop(runtime))
+        return runtime
+
+    def _retire(self, runtime: ModelRuntime) -> None:
+        runtime.removed = True
+        self._retiring.add(runtime)
+
+        async def stop_then_forget() -> None:
+            try:
+                await self._stop(runtime)
+            finally:
+                self._retiring.discard(runtime)
+
+        asyncio.get_running_loop().create_task(stop_then_forget())
+
     async def shutdown(self) -> None:
         self._closing = True
-        await asyncio.gather(*(self._stop(r) for r in self.models.values()))
+        await asyncio.gather(*(self._stop(r) for r in self._all_runtimes()))
 
-    # -- registry changes -------------------------------------------------------------------
+    # -- internals --------------------------------------------------------------------------
 
     def _runtime(self, name: str, entry: ModelEntry) -> ModelRuntime:
         return ModelRuntime(name=name, entry=entry, admission=Admission(name, entry.limits))
-
-    # -- reporting --------------------------------------------------------------------------
 
     def _set_state(self, runtime: ModelRuntime, state: State) -> None:
         if runtime.state == state:
             return
         runtime.state = state
-        self.events.publish(
-            {
-                "type": "state",
-                "model": runtime.name,
-                "state": state.value,
-                "error": runtime.last_error,
-            }
-        )
-
-    def status(self, runtime: ModelRuntime) -> dict[str, Any]:
-        backend = runtime.backend
-        entry = runtime.entry
-        return {
-            "state": runtime.state.value,
-            "devices": entry.devices,
-            "adapter": entry.adapter,
-            "in_flight": runtime.in_flight,
-            "queued": runtime.admission.waiting,
-            "last_used": runtime.last_used,
-            "load_seconds": runtime.load_seconds,
-            "progress": runtime.progress,
-            "last_error": runtime.last_error,
-            "pid": backend.pid if backend else None,
-            "runtime": backend.runtime if backend else None,
-            "idle_unload_s": self.idle_ttl(runtime),
-            "pinned": entry.pinned,
-        }
+        self._notify()
+        event = {"type": "state", "model": runtime.name, "state": state.value}
+        self.events.publish({**event, "error": runtime.last_error})
 
 
 def _consume_exception(task: asyncio.Task[Any]) -> None:

@@ -22,7 +22,7 @@ class State(str, Enum):
     FAILED = "failed"
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: runtimes are kept in sets
 class ModelRuntime:
     name: str
     entry: ModelEntry

@@ -139,8 +139,9 @@ class Supervisor:
         try:
             return await asyncio.wait_for(asyncio.shield(self._start(runtime)), timeout)
         except asyncio.TimeoutError:
+            doing = f" ({runtime.progress['message']})" if runtime.progress else ""
             raise ModelUnavailable(
-                f"model {runtime.name!r} is still loading after {timeout:g}s; retry later",
+                f"model {runtime.name!r} is still loading after {timeout:g}s{doing}; retry later",
                 code="load_timeout",
                 headers={"Retry-After": "10"},
             ) from None
@@ -255,6 +256,8 @@ class Supervisor:
                 if not plan.blocked_by:
                     runtime.footprint = dict(runtime.estimate)
                     return
+                waiting = f"waiting for {', '.join(plan.blocked_by)} to finish, to make room"
+                self._on_progress(runtime, {"stage": "waiting", "message": waiting})
                 await self._wait_for_change(plan.blocked_by, deadline)
 
     async def _wait_for_change(self, busy: list[str], deadline: float) -> None:

@@ -1,0 +1,89 @@
+"""Per-model admission: concurrency, a bounded FIFO queue, 429 and queue time-outs."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from gateway.admission import Admission
+from gateway.config import Limits
+from gateway.errors import ModelUnavailable, RateLimited
+
+
+async def test_at_most_max_concurrency_run_and_the_rest_queue_in_order() -> None:
+    admission = Admission("m", Limits(max_concurrency=2, max_queue=10))
+    order: list[int] = []
+    gate = asyncio.Event()
+
+    async def request(i: int) -> None:
+        async with admission.permit():
+            order.append(i)
+            await gate.wait()
+
+    tasks = [asyncio.create_task(request(i)) for i in range(5)]
+    await asyncio.sleep(0.01)
+    assert order == [0, 1] and admission.running == 2 and admission.waiting == 3
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4]
+    assert admission.running == 0 and admission.waiting == 0
+
+
+async def test_a_full_queue_refuses_at_once_with_retry_after() -> None:
+    admission = Admission("m", Limits(max_concurrency=1, max_queue=1))
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        async with admission.permit():
+            await gate.wait()
+
+    running = [asyncio.create_task(hold()), asyncio.create_task(hold())]
+    await asyncio.sleep(0.01)
+    with pytest.raises(RateLimited) as refused:
+        async with admission.permit():
+            pass
+    assert refused.value.status == 429 and refused.value.headers["Retry-After"]
+    gate.set()
+    await asyncio.gather(*running)
+
+
+async def test_waiting_past_the_queue_timeout_gives_503_and_frees_the_place() -> None:
+    admission = Admission("m", Limits(max_concurrency=1, max_queue=5, queue_timeout_s=0.05))
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        async with admission.permit():
+            await gate.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.01)
+    with pytest.raises(ModelUnavailable) as timed_out:
+        async with admission.permit():
+            pass
+    assert timed_out.value.code == "queue_timeout"
+    assert admission.waiting == 0
+    gate.set()
+    await holder
+    async with admission.permit():  # the slot was not leaked
+        assert admission.running == 1
+
+
+async def test_a_cancelled_waiter_leaves_the_queue_without_leaking_a_slot() -> None:
+    admission = Admission("m", Limits(max_concurrency=1, max_queue=5))
+    gate = asyncio.Event()
+
+    async def hold() -> None:
+        async with admission.permit():
+            await gate.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.01)
+    waiter = asyncio.create_task(hold())
+    await asyncio.sleep(0.01)
+    waiter.cancel()
+    await asyncio.sleep(0.01)
+    assert admission.waiting == 0
+    gate.set()
+    await holder
+    assert admission.running == 0

@@ -1,0 +1,309 @@
+"""The lifecycle state machine, with a fake launcher at the process seam and a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from gateway.config import ModelEntry, Registry
+from gateway.errors import ModelNotFound, ModelUnavailable
+from gateway.launcher import LoadFailed, Progress
+from gateway.registry import parse_registry
+from gateway.supervisor import Supervisor
+from gateway.upstream import Upstream
+
+
+class FakeBackend:
+    def __init__(self, name: str, pid: int, weights: int) -> None:
+        self.name = name
+        self.pid: int | None = pid
+        self.upstream = Upstream("http://fake", label=name)
+        self.runtime: dict[str, Any] = {"memory": {"weights_bytes": weights}}
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.stopped = False
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        return self._exited
+
+    async def stop(self, grace_s: float) -> None:
+        self.stopped = True
+        if not self._exited.done():
+            self._exited.set_result(0)
+
+    def crash(self, code: int = -9) -> None:
+        self._exited.set_result(code)
+
+
+class FakeLauncher:
+    def __init__(self) -> None:
+        self.launches: list[str] = []
+        self.backends: dict[str, FakeBackend] = {}
+        self.fail: dict[str, str] = {}
+        self.delay = 0.0
+        self.weights = 100
+
+    async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> FakeBackend:
+        self.launches.append(name)
+        on_progress({"event": "progress", "stage": "load", "message": "loading"})
+        await asyncio.sleep(self.delay)
+        if name in self.fail:
+            raise LoadFailed("load_error", self.fail[name])
+        backend = FakeBackend(name, 1000 + len(self.launches), self.weights)
+        self.backends[name] = backend
+        return backend
+
+    def alive(self) -> list[str]:
+        return sorted(n for n, b in self.backends.items() if not b.exited.done())
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registry(text: str) -> Registry:
+    return parse_registry(text)
+
+
+TWO = """
+gateway: {memory_budget: {cpu: 150}}
+models:
+  a: {source: /a, memory_bytes: 100}
+  b: {source: /b, memory_bytes: 100}
+"""
+
+
+@pytest.fixture
+def launcher() -> FakeLauncher:
+    return FakeLauncher()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+async def use(supervisor: Supervisor, name: str, keep_alive: float | None = None) -> None:
+    async with supervisor.lease(name, keep_alive):
+        pass
+
+
+async def test_concurrent_first_requests_share_one_start(launcher: FakeLauncher) -> None:
+    launcher.delay = 0.05
+    supervisor = Supervisor(registry("models: {a: {source: /a}}"), launcher)
+    await asyncio.gather(*(use(supervisor, "a") for _ in range(10)))
+    assert launcher.launches == ["a"]
+    assert supervisor.get("a").state == "ready"
+
+
+async def test_an_unknown_model_is_404_listing_the_valid_names(launcher: FakeLauncher) -> None:
+    supervisor = Supervisor(registry(TWO), launcher)
+    with pytest.raises(ModelNotFound, match="valid models: a, b"):
+        await use(supervisor, "c")
+
+
+async def test_a_failed_load_backs_off_then_retries(launcher: FakeLauncher, clock: Clock) -> None:
+    launcher.fail["a"] = "weights are corrupt"
+    supervisor = Supervisor(registry("models: {a: {source: /a}}"), launcher, clock=clock)
+    with pytest.raises(ModelUnavailable, match="weights are corrupt") as first:
+        await use(supervisor, "a")
+    assert first.value.headers["Retry-After"] == "2"
+    with pytest.raises(ModelUnavailable):  # within the backoff: no new attempt
+        await use(supervisor, "a")
+    assert launcher.launches == ["a"]
+    assert supervisor.status(supervisor.get("a"))["last_error"] == "weights are corrupt"
+    del launcher.fail["a"]
+    clock.now += 2
+    await use(supervisor, "a")
+    assert launcher.launches == ["a", "a"]
+    assert supervisor.get("a").last_error is None
+
+
+async def test_a_crashed_worker_is_replaced_by_the_next_request(launcher: FakeLauncher) -> None:
+    supervisor = Supervisor(registry("models: {a: {source: /a}}"), launcher)
+    await use(supervisor, "a")
+    launcher.backends["a"].crash()
+    await asyncio.sleep(0)
+    runtime = supervisor.get("a")
+    assert runtime.state == "unloaded" and "exited unexpectedly" in (runtime.last_error or "")
+    await use(supervisor, "a")
+    assert launcher.launches == ["a", "a"] and runtime.state == "ready"
+
+
+async def test_repeated_crashes_leave_the_model_failed(launcher: FakeLauncher) -> None:
+    supervisor = Supervisor(registry("models: {a: {source: /a}}"), launcher)
+    for _ in range(3):
+        await use(supervisor, "a")
+        launcher.backends["a"].crash()
+        await asyncio.sleep(0)
+    runtime = supervisor.get("a")
+    assert runtime.state == "failed" and "3 crashes" in (runtime.last_error or "")
+    with pytest.raises(ModelUnavailable, match="3 crashes"):
+        await use(supervisor, "a")
+
+
+async def test_a_budget_for_one_model_swaps_them_lru(launcher: FakeLauncher) -> None:
+    supervisor = Supervisor(registry(TWO), launcher)
+    for name in ["a", "b", "a", "b"]:
+        await use(supervisor, name)
+        assert launcher.alive() == [name]
+    assert launcher.launches == ["a", "b", "a", "b"]
+
+
+async def test_a_busy_model_is_not_evicted_the_new_load_waits(launcher: FakeLauncher) -> None:
+    supervisor = Supervisor(registry(TWO), launcher)
+    release = asyncio.Event()
+
+    async def long_request() -> None:
+        async with supervisor.lease("a"):
+            await release.wait()
+
+    holder = asyncio.create_task(long_request())
+    await asyncio.sleep(0.01)
+    waiting = asyncio.create_task(use(supervisor, "b"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done() and launcher.alive() == ["a"]
+    release.set()
+    await asyncio.gather(holder, waiting)
+    assert launcher.alive() == ["b"]
+
+
+async def test_waiting_for_a_busy_model_is_bounded(launcher: FakeLauncher) -> None:
+    text = TWO.replace(
+        "memory_budget: {cpu: 150}", "memory_budget: {cpu: 150}, load_timeout_s: 0.1"
+    )
+    supervisor = Supervisor(registry(text), launcher)
+    release = asyncio.Event()
+
+    async def long_request() -> None:
+        async with supervisor.lease("a"):
+            await release.wait()
+
+    holder = asyncio.create_task(long_request())
+    await asyncio.sleep(0.01)
+    with pytest.raises(ModelUnavailable, match="waiting for a to finish") as refused:
+        await use(supervisor, "b")
+    assert refused.value.headers["Retry-After"]
+    await asyncio.sleep(0.05)  # the placement gives up too
+    runtime = supervisor.get("b")
+    assert runtime.state == "unloaded"  # not marked failed: it may fit later
+    assert "while a is busy" in (runtime.last_error or "")
+    release.set()
+    await holder
+    await use(supervisor, "b")
+
+
+async def test_a_model_bigger_than_the_budget_is_refused(launcher: FakeLauncher) -> None:
+    text = "gateway: {memory_budget: {cpu: 50}}\nmodels: {a: {source: /a, memory_bytes: 100}}"
+    supervisor = Supervisor(registry(text), launcher)
+    with pytest.raises(
+        ModelUnavailable, match="needs 100 B on device cpu, more than its budget of 50 B"
+    ):
+        await use(supervisor, "a")
+    assert launcher.launches == []
+
+
+async def test_pinned_models_are_never_evicted(launcher: FakeLauncher) -> None:
+    text = TWO.replace(
+        "a: {source: /a, memory_bytes: 100}", "a: {source: /a, memory_bytes: 100, pinned: true}"
+    )
+    supervisor = Supervisor(registry(text), launcher)
+    await use(supervisor, "a")
+    with pytest.raises(ModelUnavailable, match="pinned"):
+        await use(supervisor, "b")
+    assert launcher.alive() == ["a"]
+
+
+async def test_idle_unload_and_keep_alive(launcher: FakeLauncher, clock: Clock) -> None:
+    text = "gateway: {idle_unload_s: 60}\nmodels: {a: {source: /a}, b: {source: /b}}"
+    supervisor = Supervisor(registry(text), launcher, clock=clock)
+    await use(supervisor, "a")
+    await use(supervisor, "b", keep_alive=-1)
+    clock.now += 59
+    await supervisor.reap_idle()
+    assert launcher.alive() == ["a", "b"]
+    clock.now += 1
+    await supervisor.reap_idle()
+    assert launcher.alive() == ["b"]  # keep_alive -1 outlives the global idle timeout
+    await use(supervisor, "a", keep_alive=0)
+    await asyncio.sleep(0.01)
+    assert launcher.alive() == ["b"]  # keep_alive 0 unloads right after the request
+
+
+async def test_a_model_is_not_unloaded_under_a_request(
+    launcher: FakeLauncher, clock: Clock
+) -> None:
+    supervisor = Supervisor(
+        registry("models: {a: {source: /a, idle_unload_s: 1}}"), launcher, clock=clock
+    )
+    async with supervisor.lease("a"):
+        clock.now += 100
+        await supervisor.reap_idle()
+        assert launcher.alive() == ["a"]
+    clock.now += 1
+    await supervisor.reap_idle()
+    assert launcher.alive() == []
+
+
+async def test_apply_keeps_unchanged_restarts_changed_retires_removed(
+    launcher: FakeLauncher,
+) -> None:
+    old = "models: {a: {source: /a}, b: {source: /b}, c: {source: /c}}"
+    supervisor = Supervisor(registry(old), launcher)
+    for name in "abc":
+        await use(supervisor, name)
+    first = dict(launcher.backends)
+    new = (
+        "gateway: {default_model: d}\nmodels: {a: {source: /a}, b: {source: /b2}, d: {source: /d}}"
+    )
+    report = supervisor.apply(registry(new))
+    assert (report.added, report.removed, report.changed, report.unchanged) == (
+        ["d"],
+        ["c"],
+        ["b"],
+        ["a"],
+    )
+    await asyncio.sleep(0.01)
+    assert not first["a"].stopped  # untouched
+    assert first["b"].stopped and first["c"].stopped
+    with pytest.raises(ModelNotFound):
+        await use(supervisor, "c")
+    await use(supervisor, "b")
+    assert launcher.backends["b"] is not first["b"]
+    assert supervisor.default_model() == "d"
+
+
+async def test_a_removed_model_finishes_its_request_before_it_stops(launcher: FakeLauncher) -> None:
+    supervisor = Supervisor(registry("models: {a: {source: /a}, b: {source: /b}}"), launcher)
+    release = asyncio.Event()
+
+    async def long_request() -> None:
+        async with supervisor.lease("a"):
+            await release.wait()
+
+    holder = asyncio.create_task(long_request())
+    await asyncio.sleep(0.01)
+    supervisor.apply(registry("models: {b: {source: /b}}"))
+    await asyncio.sleep(0.01)
+    assert not launcher.backends["a"].stopped
+    release.set()
+    await holder
+    await asyncio.sleep(0.01)
+    assert launcher.backends["a"].stopped
+
+
+async def test_lifecycle_events_are_published(launcher: FakeLauncher) -> None:
+    supervisor = Supervisor(registry("models: {a: {source: /a}}"), launcher)
+    with supervisor.events.subscribe() as queue:
+        await use(supervisor, "a")
+        await supervisor.unload("a")
+        events = [queue.get_nowait() for _ in range(queue.qsize())]
+    states = [e["state"] for e in events if e["type"] == "state"]
+    assert states == ["starting", "ready", "draining", "unloaded"]
+    assert any(e["type"] == "progress" and e["stage"] == "load" for e in events)

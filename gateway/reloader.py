@@ -46,7 +46,7 @@ class Reloader:
                 raise
             self.last_error = None
             if fresh.digest == self.loaded.digest:
-                return {"changed": False}
+                return {"applied": False, "reason": "the file has not changed"}
             old = self.loaded.registry.gateway
             restart = [
                 k for k in NEEDS_RESTART if getattr(old, k) != getattr(fresh.registry.gateway, k)
@@ -54,7 +54,7 @@ class Reloader:
             report = asdict(self.supervisor.apply(fresh.registry))
             self.loaded = fresh
             self.loaded_at = time.time()
-            self.last_report = {"changed": True, **report, "restart_required": restart}
+            self.last_report = {"applied": True, **report, "restart_required": restart}
             log.info("models.yaml reloaded: %s", self.last_report)
             if restart:
                 log.warning("gateway.%s changed: takes effect after a restart", ", ".join(restart))

@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
+from gateway.auth import ApiKeyAuth, load_keys
 from gateway.http import install_error_handlers
 from gateway.launcher import Launcher, ProcessLauncher
 from gateway.middleware import BodyLimit
@@ -29,9 +31,17 @@ from gateway.supervisor import Supervisor
 log = logging.getLogger(__name__)
 
 
+class Readiness:
+    """Whether the gateway takes traffic: from startup until a drain begins."""
+
+    def __init__(self) -> None:
+        self.accepting = False
+
+
 def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> FastAPI:
     registry = loaded.registry
     settings = registry.gateway
+    keys = load_keys(settings.auth)  # fail at start, not at the first request
     run_dir = Path(tempfile.mkdtemp(prefix="llmgw-"))
     if launcher is None:
         process_launcher = ProcessLauncher(
@@ -42,24 +52,34 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     supervisor = Supervisor(registry, launcher)
     reloader = Reloader(loaded, supervisor)
     inference = Inference(supervisor)
-    accepting = False
+    readiness = Readiness()
+
+    async def drain() -> None:
+        """Stop taking work and wait (bounded) for what is in flight to finish."""
+        readiness.accepting = False
+        timeout = supervisor.registry.gateway.drain_timeout_s
+        log.info("draining: waiting up to %gs for in-flight requests", timeout)
+        finished = await supervisor.drain(timeout)
+        log.info("drain %s", "complete" if finished else "timed out; stopping anyway")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        nonlocal accepting
-        background = [asyncio.create_task(supervisor.run_reaper())]
+        background = [
+            asyncio.create_task(supervisor.run_reaper()),
+            asyncio.create_task(supervisor.run_prober()),
+        ]
         if settings.watch_config:
             background.append(asyncio.create_task(reloader.watch()))
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(
             signal.SIGHUP, lambda: background.append(loop.create_task(reloader.reload_quietly()))
         )
-        accepting = True
+        readiness.accepting = True
         log.info("serving %d models from %s", len(registry.models), loaded.path)
         try:
             yield
         finally:
-            accepting = False
+            readiness.accepting = False
             loop.remove_signal_handler(signal.SIGHUP)
             for task in background:
                 task.cancel()
@@ -75,10 +95,20 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     )
     app.state.supervisor = supervisor
     app.state.registry = loaded
+    app.state.drain = drain
     install_error_handlers(app)
-    app.include_router(health_router(lambda: accepting))
+    app.include_router(health_router(lambda: readiness.accepting))
     app.include_router(openai_router(inference, supervisor))
     app.include_router(admin_router(supervisor, reloader))
     app.include_router(seed_router(inference, supervisor))  # last: POST /{model} catches all
+    # Middleware runs outside-in in reverse order of addition: CORS, auth, then body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, keys=keys)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app

@@ -20,10 +20,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
+    from gateway.auth import KeySourceError
+
     try:
         code: int = args.run(args)
     except ConfigError as exc:
         print(exc.render(), file=sys.stderr)
+        return 2
+    except KeySourceError as exc:
+        print(f"{args.config}: gateway.auth: {exc}", file=sys.stderr)
         return 2
     return code
 
@@ -84,6 +89,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.serving import DrainingServer
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -91,13 +97,14 @@ def run_serve(args: argparse.Namespace) -> int:
     loaded: LoadedRegistry = load_registry(Path(args.config))
     settings = loaded.registry.gateway
     app = create_app(loaded)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host or settings.host,
         port=settings.port if args.port is None else args.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=int(settings.drain_timeout_s) or None,
+        timeout_graceful_shutdown=5,  # after the drain: connections still open get 5 s
     )
+    DrainingServer(config, app.state.drain).run()
     return 0
 
 

@@ -161,6 +161,8 @@ class GatewaySettings(Strict):
     idle_unload_s: float | None = Field(None, ge=0)
     load_timeout_s: float = Field(600.0, gt=0)
     drain_timeout_s: float = Field(30.0, ge=0)
+    probe_interval_s: float = Field(5.0, gt=0)  # health probe of each ready worker
+    probe_failures: int = Field(3, gt=0)  # consecutive failed probes before a restart
     memory_budget: dict[DeviceKey, ByteSize] = {}
     max_body_bytes: int = Field(4 * 2**20, gt=0)
     cache_dir: str = ".cache"

@@ -106,22 +106,27 @@ class Supervisor:
     @asynccontextmanager
     async def lease(self, name: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:
         runtime = self.get(name)
-        async with runtime.admission.permit():
-            backend = await self._ready(runtime)
-            runtime.in_flight += 1
-            runtime.idle.clear()
-            try:
-                yield Lease(name, runtime.entry, backend.upstream)
-            finally:
-                runtime.in_flight -= 1
-                runtime.last_used = time.time()
-                runtime.last_used_mono = self.clock()
-                if keep_alive is not None:
-                    runtime.keep_alive_s = keep_alive
-                if runtime.in_flight == 0:
-                    runtime.idle.set()
-                    self._notify()
-                    self._unload_if_expired(runtime)
+        try:
+            async with runtime.admission.permit():
+                backend = await self._ready(runtime)
+                runtime.in_flight += 1
+                runtime.idle.clear()
+                try:
+                    yield Lease(name, runtime.entry, backend.upstream)
+                finally:
+                    self._release(runtime, keep_alive)
+        finally:
+            self._notify()  # after the permit is back: drains and placements re-check
+
+    def _release(self, runtime: ModelRuntime, keep_alive: float | None) -> None:
+        runtime.in_flight -= 1
+        runtime.last_used = time.time()
+        runtime.last_used_mono = self.clock()
+        if keep_alive is not None:
+            runtime.keep_alive_s = keep_alive
+        if runtime.in_flight == 0:
+            runtime.idle.set()
+            self._unload_if_expired(runtime)
 
     async def _ready(self, runtime: ModelRuntime) -> Backend:
         if self._closing:
@@ -413,9 +418,57 @@ class Supervisor:
 
         asyncio.get_running_loop().create_task(stop_then_forget())
 
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new requests; wait until none is in flight. False if the wait timed out."""
+        self._closing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(r.admission.running for r in self._all_runtimes()):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), remaining)
+        return True
+
     async def shutdown(self) -> None:
         self._closing = True
         await asyncio.gather(*(self._stop(r) for r in self._all_runtimes()))
+
+    # -- health probes ----------------------------------------------------------------------
+
+    async def run_prober(self) -> None:
+        """Probe every ready worker; replace one that stops answering."""
+        failures: dict[str, int] = {}
+        while True:
+            settings = self.registry.gateway
+            await asyncio.sleep(settings.probe_interval_s)
+            ready = [r for r in self.models.values() if r.state == State.READY and r.backend]
+            results = await asyncio.gather(*(self._probe(r) for r in ready))
+            for runtime, ok in zip(ready, results, strict=True):
+                failures[runtime.name] = 0 if ok else failures.get(runtime.name, 0) + 1
+                if failures[runtime.name] >= settings.probe_failures:
+                    failures[runtime.name] = 0
+                    await self._replace_hung(runtime)
+
+    async def _probe(self, runtime: ModelRuntime) -> bool:
+        backend = runtime.backend
+        if backend is None or backend.pid is None:  # remote upstreams are not ours to restart
+            return True
+        try:
+            await backend.upstream.get("/health", timeout=self.registry.gateway.probe_interval_s)
+        except Exception as exc:
+            log.warning("health probe of %s failed: %s", runtime.name, exc)
+            return False
+        return True
+
+    async def _replace_hung(self, runtime: ModelRuntime) -> None:
+        backend = runtime.backend
+        if backend is None:
+            return
+        log.error("the worker of %s stopped answering its health probe; replacing it", runtime.name)
+        runtime.last_error = "the worker stopped answering its health probe"
+        await backend.stop(0.0)  # its exit is then handled as a crash: the next request restarts it
 
     # -- internals --------------------------------------------------------------------------
 

@@ -1,0 +1,115 @@
+"""API keys: Bearer tokens checked before any route runs.
+
+Policy by path, whatever the prefix: `/health` and `/ready` are open (probes); `/admin/*`
+needs an admin key (or, when no admin keys are configured, an API key); everything else
+(inference, model listing, metrics, the OpenAPI document) needs an API key. With no keys
+configured at all the gateway is open, which is why it binds 127.0.0.1 by default.
+Keys come from an environment variable (comma-separated) or a file (one per line, `#`
+comments), never from models.yaml, and are compared in constant time.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from gateway.config import Auth
+from gateway.errors import Forbidden, GatewayError, Unauthorized
+from gateway.middleware import send_error
+
+OPEN_PATHS = frozenset({"/health", "/ready"})
+
+
+class KeySourceError(Exception):
+    """A configured key source (variable or file) is missing or empty."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    api: tuple[str, ...] = ()
+    admin: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api or self.admin)
+
+
+def load_keys(auth: Auth) -> Keys:
+    api = _read(auth.api_keys_env, auth.api_keys_file)
+    admin = _read(auth.admin_keys_env, auth.admin_keys_file)
+    return Keys(tuple(api), tuple(admin))
+
+
+def _read(env: str | None, file: str | None) -> list[str]:
+    keys: list[str] = []
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise KeySourceError(f"environment variable {env} (named in gateway.auth) is not set")
+        keys += [k.strip() for k in value.split(",") if k.strip()]
+    if file is not None:
+        try:
+            lines = Path(file).expanduser().read_text().splitlines()
+        except OSError as exc:
+            raise KeySourceError(f"cannot read key file {file}: {exc.strerror}") from exc
+        keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if (env or file) and not keys:
+        raise KeySourceError(f"no keys found in {env or file}")
+    return keys
+
+
+def _matches(presented: str, keys: Iterable[str]) -> bool:
+    # Compare against every key, always, so timing does not reveal which one nearly matched.
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented.encode(), key.encode())
+    return found
+
+
+class ApiKeyAuth:
+    def __init__(self, app: ASGIApp, keys: Keys) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.keys.enabled:
+            await self.app(scope, receive, send)
+            return
+        error = self.check(scope["path"], scope["method"], dict(scope["headers"]))
+        if error is not None:
+            await send_error(send, error)
+            return
+        await self.app(scope, receive, send)
+
+    def check(self, path: str, method: str, headers: dict[bytes, bytes]) -> GatewayError | None:
+        if path in OPEN_PATHS or method == "OPTIONS":  # CORS preflights carry no credentials
+            return None
+        presented = _bearer(headers)
+        is_admin_path = path == "/admin" or path.startswith("/admin/")
+        if presented is None:
+            return Unauthorized(
+                "missing API key: send `Authorization: Bearer <key>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        if is_admin_path:
+            if _matches(presented, self.keys.admin or self.keys.api):
+                return None
+            if _matches(presented, self.keys.api):
+                return Forbidden("this key may not use the admin API", code="admin_key_required")
+            return Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
+        if _matches(presented, self.keys.api + self.keys.admin):
+            return None
+        return Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+
+def _bearer(headers: dict[bytes, bytes]) -> str | None:
+    value = headers.get(b"authorization", b"").decode("latin-1").strip()
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()

@@ -94,6 +94,7 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per worker call is noise
     loaded: LoadedRegistry = load_registry(Path(args.config))
     settings = loaded.registry.gateway
     app = create_app(loaded)

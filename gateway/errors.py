@@ -105,6 +105,10 @@ class UpstreamFailed(GatewayError):
     default_code = "worker_failed"
 
 
+class UpstreamUnreachable(UpstreamFailed):
+    """Nothing was sent: the connection itself failed, so the request may be retried."""
+
+
 class ModelUnavailable(GatewayError):
     """The model cannot serve now: its load failed, it is stopping, or it timed out loading."""
 
@@ -148,7 +152,8 @@ def from_envelope(status: int, body: object) -> GatewayError:
     """Rebuild an error relayed from a worker or a remote upstream, keeping its status."""
     detail = body.get("error") if isinstance(body, dict) else None
     if not isinstance(detail, dict):
-        return UpstreamFailed(f"the upstream answered HTTP {status} without an error envelope")
+        shown = str(body)[:200] if body is not None else "a body that is not JSON"
+        return UpstreamFailed(f"the upstream answered HTTP {status} with {shown}")
     err = error_for_status(status, str(detail.get("message") or f"HTTP {status}"))
     err.status = status
     err.param = detail.get("param") if isinstance(detail.get("param"), str) else None

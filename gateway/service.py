@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import BadRequest, GatewayError, GatewayTimeout
+from gateway.errors import BadRequest, GatewayError, GatewayTimeout, UpstreamUnreachable
 from gateway.http import unless_disconnected
 from gateway.protocol import (
     ChatCompletionRequest,
@@ -138,11 +138,11 @@ class Inference:
         path: str,
         payload: dict[str, Any],
     ) -> dict[str, Any]:
-        async def run() -> dict[str, Any]:
+        async def attempt() -> dict[str, Any]:
             async with self.supervisor.lease(name, keep_alive) as lease:
                 return await self._timed(lease, lease.upstream.post(path, payload))
 
-        return await unless_disconnected(request, run())
+        return await unless_disconnected(request, _retry_unreachable(attempt))
 
     async def _timed(self, lease: Lease, work: Awaitable[T]) -> T:
         timeout = lease.entry.limits.request_timeout_s
@@ -168,12 +168,28 @@ class Inference:
             events = await stack.enter_async_context(lease.upstream.stream(path, payload))
             return lease, events
 
+        async def open_once() -> tuple[Lease, AsyncIterator[str]]:
+            try:
+                return await open_()
+            except UpstreamUnreachable:
+                await stack.aclose()  # give the lease back before the retry takes another
+                raise
+
         try:
-            lease, events = await unless_disconnected(request, open_())
+            lease, events = await unless_disconnected(request, _retry_unreachable(open_once))
         except BaseException:
             await stack.aclose()
             raise
         return lease, _deadline(events, lease), stack.aclose
+
+
+async def _retry_unreachable(attempt: Callable[[], Awaitable[T]]) -> T:
+    """Retry once when the worker could not even be reached (it died between requests):
+    nothing was sent, so the retry cannot run a request twice."""
+    try:
+        return await attempt()
+    except UpstreamUnreachable:
+        return await attempt()
 
 
 async def _deadline(events: AsyncIterator[str], lease: Lease) -> AsyncIterator[str]:

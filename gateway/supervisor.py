@@ -38,7 +38,7 @@ from typing import Any
 from gateway import budget, hub
 from gateway.admission import Admission
 from gateway.config import ModelEntry, Registry
-from gateway.errors import ModelNotFound, ModelUnavailable
+from gateway.errors import ModelNotFound, ModelUnavailable, UpstreamFailed
 from gateway.events import EventBus
 from gateway.launcher import Backend, Launcher, LoadFailed
 from gateway.runtime import Lease, ModelRuntime, State, describe
@@ -113,6 +113,12 @@ class Supervisor:
                 runtime.idle.clear()
                 try:
                     yield Lease(name, runtime.entry, backend.upstream)
+                except UpstreamFailed:
+                    # The connection broke: if the process is going, let its exit be handled
+                    # before this error is answered, so the next request starts a fresh worker.
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(asyncio.shield(backend.exited), 1.0)
+                    raise
                 finally:
                     self._release(runtime, keep_alive)
         finally:
@@ -223,11 +229,15 @@ class Supervisor:
         if runtime.backend is not backend or runtime.state != State.READY:
             return  # a stop we asked for
         code = fut.result() if not fut.cancelled() else -1
+        self._lost(runtime, f"the worker exited unexpectedly (code {code})")
+        asyncio.get_running_loop().create_task(backend.stop(1.0))
+
+    def _lost(self, runtime: ModelRuntime, message: str) -> None:
+        """The worker is gone or useless: count it as a crash and take it out of service."""
         runtime.backend = None
         runtime.footprint = {}
         now = self.clock()
         runtime.crashes = [t for t in runtime.crashes if now - t < CRASH_WINDOW_S] + [now]
-        message = f"the worker exited unexpectedly (code {code})"
         if len(runtime.crashes) >= MAX_CRASHES:
             crashes = f"{message}; {len(runtime.crashes)} crashes in {CRASH_WINDOW_S:g}s"
             self._fail(runtime, LoadFailed("crashed", crashes))
@@ -235,7 +245,6 @@ class Supervisor:
             runtime.last_error = message
             self._set_state(runtime, State.UNLOADED)
             log.warning("model %s: %s; the next request starts a new worker", runtime.name, message)
-        asyncio.get_running_loop().create_task(backend.stop(1.0))
 
     # -- placement --------------------------------------------------------------------------
 
@@ -467,8 +476,8 @@ class Supervisor:
         if backend is None:
             return
         log.error("the worker of %s stopped answering its health probe; replacing it", runtime.name)
-        runtime.last_error = "the worker stopped answering its health probe"
-        await backend.stop(0.0)  # its exit is then handled as a crash: the next request restarts it
+        self._lost(runtime, "the worker stopped answering its health probe and was replaced")
+        await backend.stop(0.0)  # in-flight requests get 502; the next request starts afresh
 
     # -- internals --------------------------------------------------------------------------
 

@@ -13,7 +13,13 @@ from typing import Any
 
 import httpx
 
-from gateway.errors import GatewayError, GatewayTimeout, UpstreamFailed, from_envelope
+from gateway.errors import (
+    GatewayError,
+    GatewayTimeout,
+    UpstreamFailed,
+    UpstreamUnreachable,
+    from_envelope,
+)
 
 
 class Upstream:
@@ -100,4 +106,6 @@ class Upstream:
         return from_envelope(status, body)
 
     def _broken(self, exc: httpx.HTTPError) -> GatewayError:
+        if isinstance(exc, httpx.ConnectError):
+            return UpstreamUnreachable(f"{self.label} cannot be reached: {exc}")
         return UpstreamFailed(f"{self.label} stopped answering: {type(exc).__name__}")

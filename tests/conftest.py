@@ -38,3 +38,11 @@ def tiny_model_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gateway.worker.tiny import build
 
     return build(tmp_path_factory.mktemp("models") / "tiny-b", seed=1, init_std=0.2)
+
+
+@pytest.fixture(scope="session")
+def faulty_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with remote code that fails on demand (see tests/fixtures/faulty.py)."""
+    from tests.fixtures.faulty import build_faulty
+
+    return build_faulty(tiny_model, tmp_path_factory.mktemp("models") / "faulty")

@@ -96,6 +96,7 @@ def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
         stop_ids=frozenset(adapter.stop_token_ids()),
         context_length=context,
         info=lambda: {**runtime, "memory": memory_report(adapter.model)},
+        stall_timeout_s=spec.entry.limits.request_timeout_s,
     )
 
 

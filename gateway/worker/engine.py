@@ -51,6 +51,7 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
         self._stopping = False
         self.busy_rows = 0
+        self.last_progress = time.monotonic()  # batch start or latest decoding step
 
     # -- public, called from the event loop ------------------------------------------------
 
@@ -70,6 +71,10 @@ class Engine:
     def queued(self) -> int:
         return self._queue.qsize()
 
+    def stalled_for(self) -> float:
+        """Seconds the running batch has gone without a decoding step (0 when idle)."""
+        return time.monotonic() - self.last_progress if self.busy_rows else 0.0
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
         self._queue.put(None)
@@ -82,6 +87,7 @@ class Engine:
             live = [row for row in batch if not self._drop_cancelled(row)]
             if not live:
                 continue
+            self.last_progress = time.monotonic()
             self.busy_rows = len(live)
             try:
                 self._generate(live)
@@ -137,7 +143,7 @@ class Engine:
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 logits_processor=LogitsProcessorList([RowSampler(rows)]),
-                stopping_criteria=StoppingCriteriaList([RowStopper(rows)]),
+                stopping_criteria=StoppingCriteriaList([RowStopper(rows, self._stepped)]),
                 max_new_tokens=max(row.params.max_new_tokens for row in rows),
                 do_sample=False,
                 num_beams=1,
@@ -160,6 +166,9 @@ class Engine:
                     seconds=time.perf_counter() - started,
                 )
             )
+
+    def _stepped(self) -> None:
+        self.last_progress = time.monotonic()
 
 
 def _left_pad(prompts: list[list[int]], pad: int) -> tuple[Any, Any]:

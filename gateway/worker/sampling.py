@@ -11,7 +11,7 @@ stop string, its own token limit or a client disconnect stops without ending the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -39,10 +39,12 @@ class RowSampler(LogitsProcessor):  # type: ignore[misc]
 
 
 class RowStopper(StoppingCriteria):  # type: ignore[misc]
-    def __init__(self, rows: Sequence[Row]) -> None:
+    def __init__(self, rows: Sequence[Row], on_step: Callable[[], None]) -> None:
         self.rows = rows
+        self.on_step = on_step
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        self.on_step()
         newest = input_ids[:, -1].tolist()
         for row, token in zip(self.rows, newest, strict=True):
             row.push(int(token))

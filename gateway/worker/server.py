@@ -33,6 +33,7 @@ class WorkerState:
     stop_ids: frozenset[int]
     context_length: int
     info: Callable[[], dict[str, Any]]
+    stall_timeout_s: float = 600.0  # a batch without a decoding step this long: unhealthy
 
 
 def create_worker_app(state: WorkerState) -> FastAPI:
@@ -41,9 +42,16 @@ def create_worker_app(state: WorkerState) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = state.engine.alive
-        body = {"status": "ok" if ok else "engine stopped", "queued": state.engine.queued}
-        return JSONResponse(body, status_code=200 if ok else 503)
+        engine = state.engine
+        stalled = engine.stalled_for()
+        if not engine.alive:
+            status = "engine stopped"
+        elif stalled > state.stall_timeout_s:
+            status = f"generation stalled for {stalled:.0f}s"
+        else:
+            status = "ok"
+        body = {"status": status, "queued": engine.queued, "busy_rows": engine.busy_rows}
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/info")
     async def info() -> dict[str, Any]:

@@ -190,6 +190,14 @@ def test_default_generation_length_may_not_exceed_the_limit() -> None:
     assert issue.message == "generation.max_new_tokens (10) exceeds limits.max_new_tokens (5)"
 
 
+def test_regression_a_limit_below_the_default_length_alone_is_accepted() -> None:
+    # `limits: {max_new_tokens: 100}` was rejected: the unwritten default of 256 exceeded it.
+    entry = parse_registry("models:\n  m: {source: ./m, limits: {max_new_tokens: 100}}\n").models[
+        "m"
+    ]
+    assert entry.generation.max_new_tokens == 100
+
+
 # -- cross-references -----------------------------------------------------------------------
 
 

@@ -6,6 +6,8 @@ CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed
 DEMO := .cache/demo-model
 PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+# bench/ is linted once it exists (a clean clone may not have it yet).
+SRC := gateway adapters tests $(wildcard bench)
 
 .PHONY: serve test install demo lint format typecheck check bench clean
 
@@ -13,7 +15,7 @@ serve: $(STAMP) $(DEMO)/config.json  ## build what is missing, then serve models
 	$(PY) -m gateway serve --config models.yaml
 
 test: $(STAMP)  ## build what is missing, then run lint, types and the tests
-	$(PY) -m ruff check gateway adapters tests bench
+	$(PY) -m ruff check $(SRC)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
@@ -31,12 +33,12 @@ $(DEMO)/config.json: | $(STAMP)
 	$(PY) -m gateway.worker.tiny $(DEMO) --train-steps 300 --hidden 128
 
 lint: $(STAMP)
-	$(PY) -m ruff check gateway adapters tests bench
-	$(PY) -m ruff format --check gateway adapters tests bench
+	$(PY) -m ruff check $(SRC)
+	$(PY) -m ruff format --check $(SRC)
 
 format: $(STAMP)
-	$(PY) -m ruff format gateway adapters tests bench
-	$(PY) -m ruff check --fix gateway adapters tests bench
+	$(PY) -m ruff format $(SRC)
+	$(PY) -m ruff check --fix $(SRC)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

@@ -133,7 +133,16 @@ class ModelEntry(Strict):
             raise ValueError("give either `source` (a path or hub id) or `upstream` (a URL)")
         if isinstance(self.devices, list) and not self.devices:
             raise ValueError("`devices` must be `cpu` or a non-empty list of GPU indices")
-        if self.generation.max_new_tokens > self.limits.max_new_tokens:
+        limit = self.limits.max_new_tokens
+        generation = self.generation
+        if (
+            "max_new_tokens" not in generation.model_fields_set
+            and generation.max_new_tokens > limit
+        ):
+            # Only the limit is written: the default length follows it down.
+            clamped = generation.model_copy(update={"max_new_tokens": limit})
+            object.__setattr__(self, "generation", clamped)
+        if self.generation.max_new_tokens > limit:
             raise ValueError(
                 f"generation.max_new_tokens ({self.generation.max_new_tokens}) exceeds "
                 f"limits.max_new_tokens ({self.limits.max_new_tokens})"

@@ -41,6 +41,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
+        if isinstance(exc.__cause__, GatewayError):  # e.g. BodyLimit's 413 while reading
+            return error_response(exc.__cause__)
         message = {404: f"no route {request.url.path}", 405: "method not allowed here"}.get(
             exc.status_code, str(exc.detail)
         )
@@ -63,8 +65,7 @@ def validation_error(request: Request, exc: RequestValidationError) -> GatewayEr
     errors: list[Any] = list(exc.errors())
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not isinstance(p, int)]
-    # pydantic names the union member it tried ("str", "list[TextPart]"): not a field.
-    loc = [p for p in loc if "[" not in p and p not in {"str", "int", "tuple"}]
+    loc = [p for p in loc if not _is_union_tag(p)]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
@@ -82,6 +83,12 @@ def validation_error(request: Request, exc: RequestValidationError) -> GatewayEr
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return BadRequest(f"{param or 'body'}: {message}{more}", param=param, code="invalid_value")
+
+
+def _is_union_tag(part: str) -> bool:
+    # pydantic names the union member it tried ("str", "list[TextPart]", "HistoryTurn");
+    # wire fields are snake_case, so a capitalised part is a class name, not a field.
+    return "[" in part or part in {"str", "int", "tuple"} or part[:1].isupper()
 
 
 def _is_json(request: Request) -> bool:

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway.config import Generation
 
@@ -84,11 +84,12 @@ class ChatCompletionRequest(_OpenAIFields):
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
 
-    @model_validator(mode="after")
-    def _last_message(self) -> ChatCompletionRequest:
-        if not any(m.role == "user" and m.text().strip() for m in self.messages):
+    @field_validator("messages")
+    @classmethod
+    def _has_user_text(cls, messages: list[ChatMessage]) -> list[ChatMessage]:
+        if not any(m.role == "user" and m.text().strip() for m in messages):
             raise ValueError("messages must contain a user message with non-empty content")
-        return self
+        return messages
 
     def requested_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import yaml
 from pydantic import BaseModel, ValidationError
+from pydantic.fields import FieldInfo
 
 from adapters import ADAPTERS
 from gateway.config import MODEL_NAME, RESERVED_NAMES, Registry
@@ -116,23 +118,25 @@ def parse_registry(text: str, filename: str = "models.yaml") -> Registry:
     try:
         registry = Registry.model_validate(data)
     except ValidationError as exc:
-        issues = _dedupe([_issue_from_pydantic(err, root_node) for err in exc.errors()]) + issues
+        issues = _pydantic_issues(exc.errors(), root_node) + issues
         raise ConfigError(filename, sorted(issues, key=lambda i: i.line or 0)) from None
     if issues:
         raise ConfigError(filename, issues)
     return registry
 
 
-def _dedupe(issues: list[ConfigIssue]) -> list[ConfigIssue]:
-    """One issue per field: a union type reports each member's complaint separately."""
-    seen: set[str] = set()
-    kept = []
-    for issue in issues:
-        key = ".".join(p for p in issue.path.split(".") if not p.isdigit())
-        if key not in seen:
-            seen.add(key)
-            kept.append(issue)
-    return kept
+def _pydantic_issues(errors: Sequence[Any], root: yaml.Node | None) -> list[ConfigIssue]:
+    """One issue per field. A union such as `devices: cpu | [int]` reports a complaint per
+    member; keep the most specific (deepest) one, so `devices: [-1]` reads "devices.0 must
+    be >= 0" rather than "devices should be 'cpu'"."""
+    best: dict[tuple[str | int, ...], tuple[int, ConfigIssue]] = {}
+    for err in errors:
+        loc = tuple(err["loc"])
+        tag = next((i for i, part in enumerate(loc) if _is_union_tag(part)), len(loc))
+        kept = best.get(loc[:tag])
+        if kept is None or len(loc) > kept[0]:
+            best[loc[:tag]] = (len(loc), _issue_from_pydantic(err, root))
+    return [issue for _, issue in best.values()]
 
 
 def _semantic_issues(data: dict[str, Any], root: yaml.Node | None) -> Iterable[ConfigIssue]:
@@ -184,9 +188,10 @@ def _issue_from_pydantic(err: Any, root: yaml.Node | None) -> ConfigIssue:
         key = str(loc[-1])
         return ConfigIssue(_dotted(loc), f"unknown key {key!r}", _suggest_key(key, loc[:-1]), line)
     if err["type"] == "missing":
-        return ConfigIssue(_dotted(loc), "this key is required", "", line)
+        return ConfigIssue(_dotted(loc), "this key is required", f"add `{loc[-1]}:`", line)
     message = str(err["msg"]).removeprefix("Value error, ")
-    return ConfigIssue(_dotted(loc), message, _hint_for(loc), line)
+    hint = _hint_for(loc) or _value_hint(loc, err.get("input"))
+    return ConfigIssue(_dotted(loc), message, hint, line)
 
 
 def _is_union_tag(part: object) -> bool:
@@ -206,6 +211,34 @@ def _hint_for(loc: tuple[str | int, ...]) -> str:
         if isinstance(part, str) and part in hints:
             return hints[part]
     return ""
+
+
+def _value_hint(loc: tuple[str | int, ...], value: object) -> str:
+    """For a bad scalar: what the file says, and the default that leaving the key out gives."""
+    if not isinstance(value, (str, int, float, bool)):
+        return ""
+    given = f"the file says {json.dumps(value, ensure_ascii=False)}"
+    default = getattr(_field_at(loc), "default", None)
+    if isinstance(default, (str, int, float, bool)):
+        return f"{given}; leave the key out to get the default, {json.dumps(default)}"
+    return given
+
+
+def _field_at(loc: tuple[str | int, ...]) -> FieldInfo | None:
+    """The schema field a YAML path points at (keys of mappings such as `models:` skipped)."""
+    model: type[BaseModel] | None = Registry
+    field = None
+    skip_key = False
+    for part in loc:
+        if skip_key:
+            skip_key = False
+            continue
+        field = model.model_fields.get(str(part)) if model else None
+        if field is None:
+            return None
+        skip_key = getattr(field.annotation, "__origin__", None) is dict
+        model = _model_of(field.annotation)
+    return field
 
 
 def _suggest_key(key: str, parent: tuple[str | int, ...]) -> str:

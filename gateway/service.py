@@ -38,6 +38,7 @@ from gateway.supervisor import Supervisor
 T = TypeVar("T")
 CHAT_PATH = "/v1/chat/completions"
 COMPLETION_PATH = "/v1/completions"
+SEED_PARAMS = {"messages": "prompt", "max_tokens": "max_length"}
 
 
 class ManagedStream(StreamingResponse):
@@ -92,6 +93,13 @@ class Inference:
     # -- seed routes ------------------------------------------------------------------------
 
     async def seed(self, name: str, body: SeedRequest, request: Request) -> Any:
+        try:
+            return await self._seed(name, body, request)
+        except GatewayError as exc:  # the worker speaks chat; name what the client sent
+            exc.param = SEED_PARAMS.get(exc.param or "", exc.param)
+            raise
+
+    async def _seed(self, name: str, body: SeedRequest, request: Request) -> Any:
         entry = self.supervisor.get(name).entry
         self._check_tokens(name, body.max_length, "max_length")
         chat = resolve_chat(seed_to_chat(body, name), entry.generation, entry.system_prompt)

@@ -1,0 +1,68 @@
+"""No worker outlives its gateway, however the gateway ends."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+from tests.support import Gateway, wait_until, worker_pids, write_config
+
+
+def loaded_gateway(tiny_model: Path, tmp_path: Path) -> tuple[Gateway, list[int]]:
+    config = write_config(tmp_path, f"models:\n  a:\n    source: {tiny_model}\n")
+    gateway = Gateway(config)
+    assert gateway.post("/a", {"prompt": "hi", "max_length": 2}).status_code == 200
+    workers = gateway.workers()
+    assert len(workers) == 1
+    return gateway, workers
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_ctrl_c_stops_the_gateway_and_its_workers(tiny_model: Path, tmp_path: Path) -> None:
+    gateway, workers = loaded_gateway(tiny_model, tmp_path)
+    with gateway:
+        assert gateway.stop(signal.SIGINT) in (0, -signal.SIGINT)
+        assert not any(alive(pid) for pid in workers)
+    assert "every worker has exited" in gateway.log.read_text()
+
+
+def test_workers_exit_on_their_own_when_the_gateway_is_killed(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    gateway, workers = loaded_gateway(tiny_model, tmp_path)
+    with gateway:
+        gateway.stop(signal.SIGKILL)  # no shutdown code runs in the gateway
+        # The worker notices on its own (parent-death signal, stdin EOF). Generous bound.
+        assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=20)
+        assert worker_pids(gateway.process.pid) == []
+
+
+def test_workers_exit_when_the_gateway_dies_mid_generation(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    gateway, workers = loaded_gateway(tiny_model, tmp_path)
+
+    def long_generation() -> None:
+        with (
+            httpx.Client(base_url=gateway.url, timeout=60) as client,
+            contextlib.suppress(httpx.HTTPError),
+        ):
+            client.post("/a", json={"prompt": "long", "max_length": 1000})
+
+    with gateway, ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(long_generation)
+        assert wait_until(lambda: gateway.models()["a"]["in_flight"] == 1, timeout=10)
+        gateway.stop(signal.SIGKILL)
+        assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=20)
+        pending.result(timeout=30)  # the client saw the connection drop, not a hang

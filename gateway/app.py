@@ -71,16 +71,19 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
         if settings.watch_config:
             background.append(asyncio.create_task(reloader.watch()))
         loop = asyncio.get_running_loop()
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: background.append(loop.create_task(reloader.reload_quietly()))
-        )
+        with contextlib.suppress(ValueError, RuntimeError):  # only the main thread gets signals
+            loop.add_signal_handler(
+                signal.SIGHUP,
+                lambda: background.append(loop.create_task(reloader.reload_quietly())),
+            )
         readiness.accepting = True
         log.info("serving %d models from %s", len(registry.models), loaded.path)
         try:
             yield
         finally:
             readiness.accepting = False
-            loop.remove_signal_handler(signal.SIGHUP)
+            with contextlib.suppress(ValueError, RuntimeError):
+                loop.remove_signal_handler(signal.SIGHUP)
             for task in background:
                 task.cancel()
             await supervisor.shutdown()

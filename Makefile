@@ -6,6 +6,8 @@ CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed
 DEMO := .cache/demo-model
 PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+# Lint what exists: bench/ arrives with the benchmarks.
+LINT_DIRS := $(wildcard gateway adapters tests bench)
 
 .PHONY: serve test install demo lint format typecheck check bench clean
 
@@ -13,7 +15,7 @@ serve: $(STAMP) $(DEMO)/config.json  ## build what is missing, then serve models
 	$(PY) -m gateway serve --config models.yaml
 
 test: $(STAMP)  ## build what is missing, then run lint, types and the tests
-	$(PY) -m ruff check gateway adapters tests bench
+	$(PY) -m ruff check $(LINT_DIRS)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
@@ -22,7 +24,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[worker,dev]'
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[worker,hubs,dev]'
 	touch $@
 
 demo: $(DEMO)/config.json
@@ -31,12 +33,12 @@ $(DEMO)/config.json: | $(STAMP)
 	$(PY) -m gateway.worker.tiny $(DEMO) --train-steps 300 --hidden 128
 
 lint: $(STAMP)
-	$(PY) -m ruff check gateway adapters tests bench
-	$(PY) -m ruff format --check gateway adapters tests bench
+	$(PY) -m ruff check $(LINT_DIRS)
+	$(PY) -m ruff format --check $(LINT_DIRS)
 
 format: $(STAMP)
-	$(PY) -m ruff format gateway adapters tests bench
-	$(PY) -m ruff check --fix gateway adapters tests bench
+	$(PY) -m ruff format $(LINT_DIRS)
+	$(PY) -m ruff check --fix $(LINT_DIRS)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DEMO := .cache/demo-model
 PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 # Lint what exists: bench/ arrives with the benchmarks.
-LINT_DIRS := $(wildcard gateway adapters tests bench)
+LINT_DIRS := $(wildcard gateway adapters tests bench configs)
 
 .PHONY: serve test install demo lint format typecheck check bench clean
 

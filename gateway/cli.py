@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gateway.config import ModelEntry
 from gateway.registry import ConfigError, LoadedRegistry, load_registry
 
 DEFAULT_CONFIG = "models.yaml"
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(commands, "check", "validate the registry file", run_check)
     _command(commands, "models", "list the registry's models", run_models)
+
+    env = commands.add_parser("env", help="per-model Python environments")
+    env_commands = env.add_subparsers(metavar="ACTION")
+    build = _command(env_commands, "build", "build models' Python environments", run_env_build)
+    build.add_argument("names", nargs="+", metavar="NAME", help="models whose python_env to build")
+    build.add_argument("--rebuild", action="store_true", help="start over even if built")
     return parser
 
 
@@ -78,6 +85,46 @@ def run_models(args: argparse.Namespace) -> int:
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
     return 0
+
+
+def run_env_build(args: argparse.Namespace) -> int:
+    from gateway import envs
+
+    loaded = load_registry(args.config)
+    envs_dir = Path(loaded.registry.gateway.envs_dir)
+    entries = [(name, _entry(loaded, name)) for name in args.names]
+    for name, entry in entries:
+        if entry is None:
+            return 2
+        spec = entry.python_env
+        if spec is None or spec.python:
+            where = spec.python if spec and spec.python else sys.executable
+            try:
+                versions = envs.probe(envs.python_for(name, entry, envs_dir))
+            except (envs.EnvironmentMissing, envs.EnvironmentBuildFailed) as exc:
+                print(f"{name}: {exc}", file=sys.stderr)
+                return 1
+            print(f"{name}: runs on {where} ({envs.describe(versions)}); nothing to build")
+            continue
+        path = envs.env_dir(name, entry, envs_dir)
+        if args.rebuild or not (path / envs.MARKER).exists():
+            print(f"{name}: building {path} ({', '.join(spec.requirements)})", flush=True)
+        try:
+            built = envs.build_env(name, entry, envs_dir, rebuild=args.rebuild, out=sys.stdout)
+        except envs.EnvironmentBuildFailed as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            return 1
+        done = "already built" if built.seconds is None else f"built in {built.seconds:.1f}s"
+        print(f"{name}: {done}: {envs.describe(built.versions)}")
+    return 0
+
+
+def _entry(loaded: LoadedRegistry, name: str) -> ModelEntry | None:
+    entry = loaded.registry.models.get(name)
+    if entry is None:
+        known = ", ".join(sorted(loaded.registry.models)) or "(none)"
+        print(f"no model {name!r} in {loaded.path}; models: {known}", file=sys.stderr)
+    return entry
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -41,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     _command(commands, "check", "validate the registry file", run_check)
     _command(commands, "models", "list the registry's models", run_models)
 
+    plan = _command(commands, "plan", "show how a model's layers fall over its devices", run_plan)
+    plan.add_argument("name", metavar="NAME")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
     env = commands.add_parser("env", help="per-model Python environments")
     env_commands = env.add_subparsers(metavar="ACTION")
     build = _command(env_commands, "build", "build models' Python environments", run_env_build)
@@ -85,6 +89,27 @@ def run_models(args: argparse.Namespace) -> int:
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
     return 0
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    import json
+
+    from gateway import placement
+
+    loaded = load_registry(args.config)
+    entry = _entry(loaded, args.name)
+    if entry is None:
+        return 2
+    settings = loaded.registry.gateway
+    try:
+        plan = placement.make_plan(
+            args.name, entry, Path(settings.cache_dir), Path(settings.envs_dir)
+        )
+    except placement.PlanError as exc:
+        print(f"{args.name}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(plan, indent=2) if args.json else placement.render(plan))
+    return 0 if plan["fits"] else 1
 
 
 def run_env_build(args: argparse.Namespace) -> int:

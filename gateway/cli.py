@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway.config import ModelEntry
+from gateway.hub import remote_code_warnings
 from gateway.registry import ConfigError, LoadedRegistry, load_registry
 
 DEFAULT_CONFIG = "models.yaml"
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     _command(commands, "check", "validate the registry file", run_check)
     _command(commands, "models", "list the registry's models", run_models)
 
+    pull = _command(commands, "pull", "download a model's weights from its hub", run_pull)
+    pull.add_argument("name", metavar="NAME")
+
     plan = _command(commands, "plan", "show how a model's layers fall over its devices", run_plan)
     plan.add_argument("name", metavar="NAME")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
@@ -67,6 +72,8 @@ def _command(
 
 def run_check(args: argparse.Namespace) -> int:
     loaded = load_registry(args.config)
+    for warning in remote_code_warnings(loaded.registry.models):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     count = len(loaded.registry.models)
     print(f"{args.config}: OK ({count} model{'s' if count != 1 else ''})")
     return 0
@@ -91,9 +98,32 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_plan(args: argparse.Namespace) -> int:
-    import json
+def run_pull(args: argparse.Namespace) -> int:
+    import subprocess
 
+    from gateway import hub
+
+    loaded = load_registry(args.config)
+    entry = _entry(loaded, args.name)
+    if entry is None or entry.source is None:
+        print(f"{args.name}: nothing to pull (no hub source)", file=sys.stderr)
+        return 2
+    cache = Path(loaded.registry.gateway.cache_dir)
+    found = hub.locate(entry, entry.source, cache)
+    if found is not None or entry.hub == "local":
+        print(f"{args.name}: {found or 'no download for a local path'}: nothing to pull")
+        return 0 if found else 2
+    print(f"{args.name}: pulling {entry.hub}:{entry.source} into {hub.hub_cache(entry, cache)}")
+    request = {"name": args.name, "entry": entry.model_dump(mode="json"), "cache": str(cache)}
+    # A subprocess: the hub libraries (modelscope imports torch) stay out of this process.
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.worker.pull"],
+        input=json.dumps(request), stdout=subprocess.DEVNULL, text=True, check=False,
+    )  # fmt: skip
+    return done.returncode
+
+
+def run_plan(args: argparse.Namespace) -> int:
     from gateway import placement
 
     loaded = load_registry(args.config)
@@ -161,6 +191,8 @@ def run_serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     loaded: LoadedRegistry = load_registry(Path(args.config))
+    for warning in remote_code_warnings(loaded.registry.models):
+        logging.getLogger("gateway").warning("%s", warning)
     settings = loaded.registry.gateway
     app = create_app(loaded)
     uvicorn.run(

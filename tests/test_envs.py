@@ -46,3 +46,14 @@ def test_an_interpreter_path_or_name(tmp_path: Path) -> None:
     assert python_for("m", entry(python="python3"), tmp_path).endswith("python3")
     with pytest.raises(EnvironmentMissing, match="does not exist"):
         python_for("m", entry(python=str(tmp_path / "nope" / "python")), tmp_path)
+
+
+def test_the_gateway_side_of_envs_plans_and_pulls_imports_no_torch() -> None:
+    import subprocess
+
+    code = (
+        "import sys, gateway.cli, gateway.envs, gateway.hub, gateway.placement\n"
+        "heavy = {'torch', 'transformers', 'modelscope', 'huggingface_hub'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,7 +1,8 @@
 """Hub caches, pull and first-use download, against local fakes of each hub's cache layout.
 
 No test touches the network: a hub that must be unreachable is pointed at a closed port
-on 127.0.0.1 (HF_ENDPOINT, MODELSCOPE_ENDPOINT).
+on 127.0.0.1 (HF_ENDPOINT, MODELSCOPE_ENDPOINT), downloads come from a local imitation
+of the Hugging Face Hub's file API (tests/fixtures/fake_hf.py).
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gateway.config import ModelEntry
 from gateway.hub import locate, missing_message, remote_code_warnings
 from gateway.worker.pull import _bytes_under, progress_text
+from tests.fixtures.fake_hf import COMMIT as COMMIT_FAKE
+from tests.fixtures.fake_hf import FakeHub
 from tests.support import ROOT, Gateway, free_port, write_config
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -199,3 +204,56 @@ def test_progress_counts_each_downloaded_byte_once(tmp_path: Path) -> None:
     half = progress_text(512 * 2**20, 2**30, 2.0)
     assert half.startswith("[" + "#" * 15 + "." * 15 + "]  50.0%  512.0/1024.0 MiB")
     assert progress_text(3 * 2**20, None, 1.0) == "3.0 MiB  3.0 MiB/s"
+
+
+def test_pull_downloads_through_the_hub_api_with_a_progress_bar(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"gateway: {{cache_dir: {tmp_path / 'cache'}}}\n"
+        "models:\n  m: {source: org/tiny, hub: huggingface}\n",
+    )
+    with FakeHub("org/tiny", tiny_model, chunk=8192, pause_s=0.06) as hub:
+        pull = subprocess.run(
+            [sys.executable, "-m", "gateway", "pull", "m", "--config", str(config)],
+            capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+            env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"},
+        )  # fmt: skip
+    assert pull.returncode == 0, pull.stderr
+    bars = [line for line in pull.stderr.splitlines() if line.startswith("m: [")]
+    # About 3 s of download, sampled twice a second: a line per new tenth, then the end.
+    assert len(bars) >= 2 and bars[-1].startswith("m: [" + "#" * 30 + "] 100.0%")
+    assert "Fetching" not in pull.stderr  # the library's own bars are off: one bar, ours
+    snapshot = tmp_path / "cache" / "huggingface" / "hub" / "models--org--tiny" / "snapshots"
+    assert f"m: downloaded to {snapshot / COMMIT_FAKE}" in pull.stderr
+    got = snapshot / COMMIT_FAKE / "model.safetensors"
+    assert got.read_bytes() == (tiny_model / "model.safetensors").read_bytes()
+    entry_ = ModelEntry(source="org/tiny", hub="huggingface")
+    assert locate(entry_, "org/tiny", tmp_path / "cache") == snapshot / COMMIT_FAKE
+
+
+def test_first_use_pulls_and_shows_progress_in_state_and_log(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path,
+        f"gateway: {{cache_dir: {tmp_path / 'cache'}}}\n"
+        "models:\n  m: {source: org/tiny, hub: huggingface}\n",
+    )
+    with (
+        FakeHub("org/tiny", tiny_model, chunk=8192, pause_s=0.06) as hub,
+        Gateway(config, env={"HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0"}) as gw,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        reply = pool.submit(gw.post, "/m", {"prompt": "hi", "max_length": 3})
+        seen = []
+        while not reply.done():
+            progress = gw.models()["m"]["progress"]
+            if progress and progress["stage"] == "download":
+                seen.append(progress)
+            time.sleep(0.05)
+        assert reply.result().status_code == 200
+        assert any(p["fraction"] is not None and 0 <= p["fraction"] <= 1 for p in seen)
+        assert gw.models()["m"]["state"] == "ready"
+    assert "[m] download huggingface:org/tiny: [" in gw.log.read_text()

@@ -60,6 +60,7 @@ def probe(hub: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 def download(entry: ModelEntry, repo: str, cache: Path, report: Report) -> Path:
     """Fetch the snapshot of `repo`; `report` hears the bytes on disk about twice a second."""
     probe(entry.hub)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ours is enough
     root = hub_cache(entry, cache)
     root.mkdir(parents=True, exist_ok=True)
     total = _expected_bytes(entry, repo)
@@ -76,14 +77,13 @@ def download(entry: ModelEntry, repo: str, cache: Path, report: Report) -> Path:
     finally:
         done.set()
         watcher.join()
-    size = _bytes_under(path)
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())  # links followed
     report(size, size)
     return path
 
 
 def _snapshot(entry: ModelEntry, repo: str, root: Path) -> str:
     if entry.hub == "huggingface":
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ours is enough
         from huggingface_hub import snapshot_download
 
         return str(snapshot_download(repo, revision=entry.revision, cache_dir=str(root)))

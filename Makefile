@@ -6,8 +6,8 @@ CONSTRAINTS ?= constraints.txt
 STAMP := $(VENV)/.installed
 DEMO := .cache/demo-model
 PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
-# bench/ is linted once it exists (a clean clone may not have it yet).
-SRC := gateway adapters tests $(wildcard bench)
+# Lint what exists: bench/ arrives with the benchmarks.
+LINT_DIRS := $(wildcard gateway adapters tests bench configs)
 
 .PHONY: serve test install demo lint format typecheck check bench clean
 
@@ -15,7 +15,7 @@ serve: $(STAMP) $(DEMO)/config.json  ## build what is missing, then serve models
 	$(PY) -m gateway serve --config models.yaml
 
 test: $(STAMP)  ## build what is missing, then run lint, types and the tests
-	$(PY) -m ruff check $(SRC)
+	$(PY) -m ruff check $(LINT_DIRS)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
 
@@ -24,7 +24,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[worker,dev]'
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[worker,hubs,dev]'
 	touch $@
 
 demo: $(DEMO)/config.json
@@ -33,12 +33,12 @@ $(DEMO)/config.json: | $(STAMP)
 	$(PY) -m gateway.worker.tiny $(DEMO) --train-steps 300 --hidden 128
 
 lint: $(STAMP)
-	$(PY) -m ruff check $(SRC)
-	$(PY) -m ruff format --check $(SRC)
+	$(PY) -m ruff check $(LINT_DIRS)
+	$(PY) -m ruff format --check $(LINT_DIRS)
 
 format: $(STAMP)
-	$(PY) -m ruff format $(SRC)
-	$(PY) -m ruff check --fix $(SRC)
+	$(PY) -m ruff format $(LINT_DIRS)
+	$(PY) -m ruff check --fix $(LINT_DIRS)
 
 typecheck: $(STAMP)
 	$(PY) -m mypy

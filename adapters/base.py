@@ -97,6 +97,9 @@ class TransformersAdapter:
 
     name: ClassVar[str] = "transformers"
     max_batch_size: ClassVar[int | None] = None
+    # Adapters that place special tokens by id set this, so that text which spells a special
+    # token ("</s>") is encoded as text and a user cannot end a turn or forge one.
+    literal_text: ClassVar[bool] = False
 
     def __init__(self, spec: LoadSpec) -> None:
         self.spec = spec
@@ -134,7 +137,10 @@ class TransformersAdapter:
             "revision": self.spec.revision,
         }
         if on_gpu:
-            kwargs["device_map"] = "auto" if self.spec.gpus > 1 else {"": 0}
+            # One GPU without a budget: all of it there. Otherwise accelerate spreads whole
+            # decoder layers over the visible GPUs (and CPU, if max_memory names it).
+            spread = self.spec.gpus > 1 or bool(self.spec.max_memory)
+            kwargs["device_map"] = "auto" if spread else {"": 0}
             if self.spec.max_memory:
                 kwargs["max_memory"] = self.spec.max_memory
         return kwargs
@@ -152,7 +158,9 @@ class TransformersAdapter:
         return Prompt(self.encode(text, add_special_tokens=True), text)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        ids = self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        ids = self.tokenizer(
+            text, add_special_tokens=add_special_tokens, split_special_tokens=self.literal_text
+        )["input_ids"]
         return list(ids)
 
     def decode(self, ids: Sequence[int]) -> str:

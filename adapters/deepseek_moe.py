@@ -4,6 +4,8 @@ Format: BOS, optional system text + "\\n\\n", "User: {text}\\n\\n", "Assistant: 
 and the generation prompt "Assistant:". The tokenizer adds BOS itself, so prompts are
 tokenized without special tokens and BOS is placed once, by id. Replies end at EOS, which
 also pads batches. The context is clamped to 4096 (the tokenizer claims 16384).
+Its generation_config.json names only BOS and EOS (so `generate` would stop at 20 tokens by
+default): the engine always passes `max_new_tokens`. bf16 on GPUs (`dtype: auto`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ CONTEXT_LENGTH = 4096
 
 class DeepSeekMoEAdapter(TransformersAdapter):
     name: ClassVar[str] = "deepseek_moe"
+    literal_text: ClassVar[bool] = True
 
     def chat_prompt(self, messages: Sequence[Message]) -> Prompt:
         ids = [self.bos_id()]
@@ -48,6 +51,11 @@ class DeepSeekMoEAdapter(TransformersAdapter):
 
     def pad_token_id(self) -> int:
         return self.eos_id()
+
+    def after_load(self) -> None:
+        super().after_load()
+        # As the model card says: pad with EOS (the model has no pad token).
+        self.model.generation_config.pad_token_id = self.eos_id()
 
     def context_length(self) -> int:
         return min(super().context_length(), CONTEXT_LENGTH)

@@ -19,6 +19,7 @@ from adapters.base import Message, Prompt, TransformersAdapter
 class TransNormerAdapter(TransformersAdapter):
     name: ClassVar[str] = "transnormer"
     max_batch_size: ClassVar[int | None] = 1
+    literal_text: ClassVar[bool] = True
 
     def environment(self) -> dict[str, str]:
         return {} if self.spec.gpus > 0 else {"use_triton": "False"}

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gateway.config import ModelEntry
+from gateway.hub import remote_code_warnings
 from gateway.registry import ConfigError, LoadedRegistry, load_registry
 
 DEFAULT_CONFIG = "models.yaml"
@@ -44,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _command(commands, "check", "validate the registry file", run_check)
     _command(commands, "models", "list the registry's models", run_models)
+
+    pull = _command(commands, "pull", "download a model's weights from its hub", run_pull)
+    pull.add_argument("name", metavar="NAME")
+
+    plan = _command(commands, "plan", "show how a model's layers fall over its devices", run_plan)
+    plan.add_argument("name", metavar="NAME")
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    env = commands.add_parser("env", help="per-model Python environments")
+    env_commands = env.add_subparsers(metavar="ACTION")
+    build = _command(env_commands, "build", "build models' Python environments", run_env_build)
+    build.add_argument("names", nargs="+", metavar="NAME", help="models whose python_env to build")
+    build.add_argument("--rebuild", action="store_true", help="start over even if built")
     return parser
 
 
@@ -61,6 +77,8 @@ def _command(
 
 def run_check(args: argparse.Namespace) -> int:
     loaded = load_registry(args.config)
+    for warning in remote_code_warnings(loaded.registry.models):
+        print(f"{args.config}: warning: {warning}", file=sys.stderr)
     count = len(loaded.registry.models)
     print(f"{args.config}: OK ({count} model{'s' if count != 1 else ''})")
     return 0
@@ -85,6 +103,90 @@ def run_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_pull(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from gateway import hub
+
+    loaded = load_registry(args.config)
+    entry = _entry(loaded, args.name)
+    if entry is None or entry.source is None:
+        print(f"{args.name}: nothing to pull (no hub source)", file=sys.stderr)
+        return 2
+    cache = Path(loaded.registry.gateway.cache_dir)
+    found = hub.locate(entry, entry.source, cache)
+    if found is not None or entry.hub == "local":
+        print(f"{args.name}: {found or 'no download for a local path'}: nothing to pull")
+        return 0 if found else 2
+    print(f"{args.name}: pulling {entry.hub}:{entry.source} into {hub.hub_cache(entry, cache)}")
+    request = {"name": args.name, "entry": entry.model_dump(mode="json"), "cache": str(cache)}
+    # A subprocess: the hub libraries (modelscope imports torch) stay out of this process.
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway.worker.pull"],
+        input=json.dumps(request), stdout=subprocess.DEVNULL, text=True, check=False,
+    )  # fmt: skip
+    return done.returncode
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from gateway import placement
+
+    loaded = load_registry(args.config)
+    entry = _entry(loaded, args.name)
+    if entry is None:
+        return 2
+    settings = loaded.registry.gateway
+    try:
+        plan = placement.make_plan(
+            args.name, entry, Path(settings.cache_dir), Path(settings.envs_dir)
+        )
+    except placement.PlanError as exc:
+        print(f"{args.name}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(plan, indent=2) if args.json else placement.render(plan))
+    return 0 if plan["fits"] else 1
+
+
+def run_env_build(args: argparse.Namespace) -> int:
+    from gateway import envs
+
+    loaded = load_registry(args.config)
+    envs_dir = Path(loaded.registry.gateway.envs_dir)
+    entries = [(name, _entry(loaded, name)) for name in args.names]
+    for name, entry in entries:
+        if entry is None:
+            return 2
+        spec = entry.python_env
+        if spec is None or spec.python:
+            where = spec.python if spec and spec.python else sys.executable
+            try:
+                versions = envs.probe(envs.python_for(name, entry, envs_dir))
+            except (envs.EnvironmentMissing, envs.EnvironmentBuildFailed) as exc:
+                print(f"{name}: {exc}", file=sys.stderr)
+                return 1
+            print(f"{name}: runs on {where} ({envs.describe(versions)}); nothing to build")
+            continue
+        path = envs.env_dir(name, entry, envs_dir)
+        if args.rebuild or not (path / envs.MARKER).exists():
+            print(f"{name}: building {path} ({', '.join(spec.requirements)})", flush=True)
+        try:
+            built = envs.build_env(name, entry, envs_dir, rebuild=args.rebuild, out=sys.stdout)
+        except envs.EnvironmentBuildFailed as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            return 1
+        done = "already built" if built.seconds is None else f"built in {built.seconds:.1f}s"
+        print(f"{name}: {done}: {envs.describe(built.versions)}")
+    return 0
+
+
+def _entry(loaded: LoadedRegistry, name: str) -> ModelEntry | None:
+    entry = loaded.registry.models.get(name)
+    if entry is None:
+        known = ", ".join(sorted(loaded.registry.models)) or "(none)"
+        print(f"no model {name!r} in {loaded.path}; models: {known}", file=sys.stderr)
+    return entry
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -96,6 +198,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per worker call is noise
     loaded: LoadedRegistry = load_registry(Path(args.config))
+    for warning in remote_code_warnings(loaded.registry.models):
+        logging.getLogger("gateway").warning("%s", warning)
     settings = loaded.registry.gateway
     app = create_app(loaded)
     config = uvicorn.Config(

@@ -1,22 +1,69 @@
-"""Which Python interpreter runs a model's worker.
+"""Which Python interpreter runs a model's worker, and building per-model environments.
 
 Without `python_env` a worker runs on the gateway's own interpreter. With
 `python_env.python` it runs on that interpreter. With `python_env.requirements` it runs in
 a virtual environment under `envs_dir`, named after the model and a digest of its
-requirements, built by `llm-gateway env build NAME`.
+requirements, built by `llm-gateway env build NAME`:
+
+- `python -m venv --without-pip` from the base interpreter (the one running the gateway);
+- a `.pth` file appends the base environment's site-packages *after* the new one's, so the
+  model environment sees torch, accelerate, fastapi, uvicorn and pydantic from the base
+  (no second multi-GB torch) while its own packages, e.g. `transformers==4.47.1`, shadow
+  the base's newer ones;
+- the base's pip installs the requirements into it (`pip --python`), with the base's torch
+  version as a constraint so that nothing can pull another torch;
+- a marker file written last says the build finished; a half-built environment is never
+  used and is rebuilt from scratch.
+
+Nothing here imports torch: versions are read with importlib.metadata.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import json
+import shutil
+import subprocess
 import sys
+import sysconfig
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NoReturn, TextIO
 
 from gateway.config import ModelEntry
+
+MARKER = "llm-gateway-env.json"
+PTH_NAME = "_llm_gateway_base.pth"
+# Run inside an environment: what it would import, without importing any of it.
+PROBE = """
+import importlib.metadata as m, json, platform, sys
+def dist(name):
+    try:
+        d = m.distribution(name)
+    except m.PackageNotFoundError:
+        return None
+    return {"version": d.version, "location": str(d.locate_file(""))}
+print(json.dumps({"python": platform.python_version(), "executable": sys.executable,
+                  "torch": dist("torch"), "transformers": dist("transformers")}))
+"""
 
 
 class EnvironmentMissing(Exception):
     """The model's Python environment does not exist yet."""
+
+
+class EnvironmentBuildFailed(Exception):
+    """Creating the environment or installing its requirements failed."""
+
+
+@dataclass(frozen=True)
+class BuiltEnv:
+    path: Path
+    python: str
+    versions: dict[str, Any]
+    seconds: float | None  # None when it was already built
 
 
 def env_dir(name: str, entry: ModelEntry, envs_dir: Path) -> Path:
@@ -30,13 +77,99 @@ def python_for(name: str, entry: ModelEntry, envs_dir: Path) -> str:
         return sys.executable
     if entry.python_env.python:
         python = Path(entry.python_env.python).expanduser()
-        if not python.exists():
-            raise EnvironmentMissing(f"model {name!r}: python_env.python {python} does not exist")
-        return str(python)
-    python = env_dir(name, entry, envs_dir) / "bin" / "python"
-    if not python.exists():
+        if "/" not in entry.python_env.python:  # a bare name such as python3.10
+            return shutil.which(str(python)) or _missing_interpreter(name, python)
+        return str(python) if python.exists() else _missing_interpreter(name, python)
+    path = env_dir(name, entry, envs_dir)
+    if not (path / MARKER).exists():
         raise EnvironmentMissing(
             f"model {name!r} runs in its own Python environment, which is not built yet; "
             f"run `llm-gateway env build {name}`"
         )
-    return str(python)
+    return str(path / "bin" / "python")
+
+
+def _missing_interpreter(name: str, python: Path) -> NoReturn:
+    raise EnvironmentMissing(f"model {name!r}: python_env.python {python} does not exist")
+
+
+def build_env(
+    name: str, entry: ModelEntry, envs_dir: Path, *, rebuild: bool = False, out: TextIO
+) -> BuiltEnv:
+    """Build (or find) the environment of a model whose `python_env` lists requirements."""
+    assert entry.python_env is not None and entry.python_env.requirements
+    path = env_dir(name, entry, envs_dir)
+    python = str(path / "bin" / "python")
+    if (path / MARKER).exists() and not rebuild:
+        return BuiltEnv(path, python, probe(python), None)
+    started = time.perf_counter()
+    shutil.rmtree(path, ignore_errors=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _run([sys.executable, "-m", "venv", "--without-pip", str(path)], "creating the venv", out)
+    site = Path(_run([python, "-c", _PURELIB], "finding its site-packages", out).strip())
+    (site / PTH_NAME).write_text("".join(f"{p}\n" for p in base_site_dirs()))
+    constraints = path / "llm-gateway-constraints.txt"
+    constraints.write_text("".join(f"{pin}\n" for pin in base_pins()))
+    install = [sys.executable, "-m", "pip", "--python", python, "install"]
+    install += ["--disable-pip-version-check", "-c", str(constraints)]
+    _run([*install, *entry.python_env.requirements], "installing the requirements", out, show=True)
+    versions = probe(python)
+    marker = {"requirements": entry.python_env.requirements, "base": sys.prefix, **versions}
+    (path / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    return BuiltEnv(path, python, versions, time.perf_counter() - started)
+
+
+_PURELIB = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+
+
+def base_site_dirs() -> list[str]:
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([paths["purelib"], paths["platlib"]]))
+
+
+def base_pins() -> list[str]:
+    """Constraints that keep a model environment on the base's torch build."""
+    try:
+        return [f"torch=={importlib.metadata.version('torch')}"]
+    except importlib.metadata.PackageNotFoundError:
+        return []
+
+
+def probe(python: str) -> dict[str, Any]:
+    """Python, torch and transformers as the interpreter `python` would import them."""
+    result = subprocess.run([python, "-c", PROBE], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise EnvironmentBuildFailed(f"{python} does not run: {result.stderr.strip()[-500:]}")
+    versions: dict[str, Any] = json.loads(result.stdout)
+    return versions
+
+
+def describe(versions: dict[str, Any]) -> str:
+    """One line for people: python, transformers, and torch with where it comes from."""
+    torch = versions.get("torch") or {}
+    transformers = versions.get("transformers") or {}
+    base = set(base_site_dirs())
+    shared = " (the base environment's)" if torch.get("location") in base else ""
+    return (
+        f"python {versions.get('python')}, "
+        f"transformers {transformers.get('version', 'not installed')}, "
+        f"torch {torch.get('version', 'not installed')}{shared}"
+    )
+
+
+def _run(command: list[str], doing: str, out: TextIO, show: bool = False) -> str:
+    """Run a build step; `show` streams its output (pip's) to `out` as it comes."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
+    )
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if show:
+            out.write("    " + line)
+            out.flush()
+    if process.wait() != 0:
+        tail = "".join(lines[-20:]).rstrip()
+        raise EnvironmentBuildFailed(f"{doing} failed (exit {process.returncode}):\n{tail}")
+    return "".join(lines)

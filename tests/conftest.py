@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["tests.fixtures.seed_fixtures"]
+
 _HOME = Path(tempfile.mkdtemp(prefix="llmgw-test-home-"))
 # Set before anything imports a hub client; worker subprocesses inherit them.
 os.environ.update(

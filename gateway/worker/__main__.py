@@ -60,6 +60,8 @@ def load(spec: WorkerSpec, control: Control) -> Any:
     entry = spec.entry
     control.progress("resolve", f"locating {entry.hub} weights {spec.weights}")
     path = hub.locate(entry, spec.weights, Path(spec.cache_dir))
+    if path is None and entry.hub != "local" and entry.auto_pull:
+        path = _pull(spec, control)
     if path is None:
         raise LoadFailure("not_downloaded", hub.missing_message(spec.name, entry, spec.weights))
     load_spec = LoadSpec(
@@ -78,6 +80,29 @@ def load(spec: WorkerSpec, control: Control) -> Any:
     control.progress("load", f"loading {path} with adapter {entry.adapter}")
     adapter.load()
     return _build_state(spec, adapter, time.perf_counter() - started)
+
+
+def _pull(spec: WorkerSpec, control: Control) -> Path:
+    """First use of a model not downloaded yet: fetch it, reporting progress as it comes."""
+    from gateway.hub import WeightsMissing
+    from gateway.worker.pull import download, progress_text
+
+    started = time.monotonic()
+    tenths = {-1}
+
+    def report(done: int, total: int | None) -> None:
+        text = progress_text(done, total, time.monotonic() - started)
+        control.progress("download", text, done / total if total else None)
+        tenth = int(10 * done / total) if total else -1
+        if tenth not in tenths:  # the gateway's log gets a line per 10%
+            tenths.add(tenth)
+            print(f"download {spec.entry.hub}:{spec.weights}: {text}", file=sys.stderr)
+
+    control.progress("download", f"downloading {spec.entry.hub}:{spec.weights}")
+    try:
+        return download(spec.entry, spec.weights, Path(spec.cache_dir), report)
+    except WeightsMissing as exc:
+        raise LoadFailure("download_failed", f"model {spec.name!r}: {exc}") from exc
 
 
 def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:

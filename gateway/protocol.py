@@ -155,13 +155,20 @@ SeedReply.model_rebuild()
 
 
 def resolve_chat(
-    request: ChatCompletionRequest, defaults: Generation, system_prompt: str | None
+    request: ChatCompletionRequest,
+    defaults: Generation,
+    system_prompt: str | None,
+    fill_max_tokens: bool = True,
 ) -> ChatCompletionRequest:
-    """Fill what the request left unset from the registry entry; add its system prompt."""
+    """Fill what the request left unset from the registry entry; add its system prompt.
+
+    `fill_max_tokens=False` leaves an unset token count to the model's own worker, which
+    knows the entry's default and clamps it to the room the prompt leaves in the context.
+    """
     messages = request.messages
     if system_prompt and not any(m.role in ("system", "developer") for m in messages):
         messages = [ChatMessage(role="system", content=system_prompt), *messages]
-    tokens = request.requested_tokens() or defaults.max_new_tokens
+    tokens = request.requested_tokens() or (defaults.max_new_tokens if fill_max_tokens else None)
     return request.model_copy(
         update={
             "messages": messages,
@@ -172,8 +179,10 @@ def resolve_chat(
     )
 
 
-def resolve_completion(request: CompletionRequest, defaults: Generation) -> CompletionRequest:
-    tokens = request.requested_tokens() or defaults.max_new_tokens
+def resolve_completion(
+    request: CompletionRequest, defaults: Generation, fill_max_tokens: bool = True
+) -> CompletionRequest:
+    tokens = request.requested_tokens() or (defaults.max_new_tokens if fill_max_tokens else None)
     return request.model_copy(
         update={"max_tokens": tokens, **_sampling_defaults(request, defaults)}
     )

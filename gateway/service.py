@@ -66,14 +66,14 @@ class Inference:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         entry = self.supervisor.get(body.model).entry
         self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
-        resolved = resolve_chat(body, entry.generation, entry.system_prompt)
+        resolved = resolve_chat(body, entry.generation, entry.system_prompt, entry.is_remote)
         return await self._openai(request, resolved, CHAT_PATH)
 
     async def completion(self, body: CompletionRequest, request: Request) -> Any:
         entry = self.supervisor.get(body.model).entry
         self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
         return await self._openai(
-            request, resolve_completion(body, entry.generation), COMPLETION_PATH
+            request, resolve_completion(body, entry.generation, entry.is_remote), COMPLETION_PATH
         )
 
     async def _openai(
@@ -102,7 +102,9 @@ class Inference:
     async def _seed(self, name: str, body: SeedRequest, request: Request) -> Any:
         entry = self.supervisor.get(name).entry
         self._check_tokens(name, body.max_length, "max_length")
-        chat = resolve_chat(seed_to_chat(body, name), entry.generation, entry.system_prompt)
+        chat = resolve_chat(
+            seed_to_chat(body, name), entry.generation, entry.system_prompt, entry.is_remote
+        )
         payload = self._payload(name, chat)
         if body.stream:
             _, events, close = await self._open_stream(

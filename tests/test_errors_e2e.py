@@ -235,7 +235,7 @@ def test_malformed_json_says_what_is_wrong(gateway: Gateway) -> None:
 # -- the context window (checked by the worker, which knows the prompt's tokens) ------------
 
 CONTEXT_MESSAGE = re.compile(
-    rf"this model's context is {CONTEXT} tokens; the (\w+) take (\d+) "
+    rf"this model's context is {CONTEXT} tokens, but the input \((\w+)\) is (\d+) tokens "
     r"and max_tokens asks for (\d+) more \((\d+) in all\)"
 )
 
@@ -282,6 +282,22 @@ def test_a_reply_that_would_overflow_the_context_is_a_400_naming_the_length(
     assert (error["param"], error["code"]) == (param, "context_length_exceeded")
     prompt, asked, _ = context_numbers(error["message"])
     assert prompt < CONTEXT and asked == 32
+
+
+def test_regression_an_unset_length_shrinks_to_the_room_left_instead_of_failing(
+    gateway: Gateway,
+) -> None:
+    # The registry default (8 new tokens) was sent as an explicit max_tokens, so a prompt
+    # leaving less room got a 400 about a max_tokens the client never sent.
+    for path, body in [
+        ("/tiny", {"prompt": "hello " * 53, "temperature": 0}),
+        ("/v1/completions", {"model": "tiny", "prompt": "hello " * 60}),
+    ]:
+        reply = gateway.post(path, body)
+        assert reply.status_code == 200, reply.text
+        usage = reply.json()["usage"]
+        assert CONTEXT - 8 < usage["prompt_tokens"] < CONTEXT  # less room than the default
+        assert usage["prompt_tokens"] + usage["completion_tokens"] <= CONTEXT
 
 
 # -- body size ------------------------------------------------------------------------------

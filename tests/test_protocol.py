@@ -374,7 +374,7 @@ def test_a_reply_that_would_overflow_the_context_names_max_tokens_and_both_numbe
     error = caught.value
     assert (error.status, error.param, error.code) == (400, "max_tokens", "context_length_exceeded")
     assert "context is 100 tokens" in error.message
-    assert "take 90" in error.message and "asks for 20" in error.message
+    assert "input (messages) is 90 tokens" in error.message and "asks for 20" in error.message
 
 
 def test_a_prompt_that_fills_the_context_names_the_prompt() -> None:
@@ -382,7 +382,7 @@ def test_a_prompt_that_fills_the_context_names_the_prompt() -> None:
     with pytest.raises(ContextLengthExceeded) as caught:
         _sampling(worker_state(100), body, 100, "messages")
     assert caught.value.param == "messages"
-    assert "take 100" in caught.value.message
+    assert "is 100 tokens" in caught.value.message
 
 
 def test_a_reply_that_exactly_fills_the_context_is_allowed() -> None:

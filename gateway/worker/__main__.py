@@ -122,6 +122,7 @@ def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
         context_length=context,
         info=lambda: {**runtime, "memory": memory_report(adapter.model)},
         stall_timeout_s=spec.entry.limits.request_timeout_s,
+        default_max_tokens=spec.entry.generation.max_new_tokens,
     )
 
 

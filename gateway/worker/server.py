@@ -33,6 +33,7 @@ class WorkerState:
     stop_ids: frozenset[int]
     context_length: int
     info: Callable[[], dict[str, Any]]
+    default_max_tokens: int = 256  # the entry's generation.max_new_tokens
     stall_timeout_s: float = 600.0  # a batch without a decoding step this long: unhealthy
 
 
@@ -121,14 +122,14 @@ def _sampling(
     room = state.context_length - prompt_tokens
     if room <= 0 or (requested is not None and requested > room):
         raise ContextLengthExceeded(
-            f"this model's context is {state.context_length} tokens; the {prompt_param} take "
-            f"{prompt_tokens} and max_tokens asks for {requested or 1} more "
-            f"({prompt_tokens + (requested or 1)} in all)",
+            f"this model's context is {state.context_length} tokens, but the input "
+            f"({prompt_param}) is {prompt_tokens} tokens and max_tokens asks for "
+            f"{requested or 1} more ({prompt_tokens + (requested or 1)} in all)",
             param="max_tokens" if requested and room > 0 else prompt_param,
         )
     d = state.defaults
     return SamplingParams(
-        max_new_tokens=requested or min(256, room),
+        max_new_tokens=requested or min(state.default_max_tokens, room),
         temperature=d.temperature if body.temperature is None else body.temperature,
         top_p=d.top_p if body.top_p is None else body.top_p,
         top_k=d.top_k if body.top_k is None else body.top_k,

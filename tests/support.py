@@ -57,7 +57,15 @@ class Gateway:
             env={**os.environ, **(env or {})},
         )
         self.client = httpx.Client(base_url=self.url, timeout=60.0)
-        self._wait_healthy()
+        try:
+            self._wait_healthy()
+        except BaseException:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self.client.close()
+            self._log_file.close()
+            raise
 
     def _wait_healthy(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

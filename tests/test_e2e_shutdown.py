@@ -66,3 +66,29 @@ def test_workers_exit_when_the_gateway_dies_mid_generation(
         gateway.stop(signal.SIGKILL)
         assert wait_until(lambda: not any(alive(pid) for pid in workers), timeout=20)
         pending.result(timeout=30)  # the client saw the connection drop, not a hang
+
+
+def test_sigterm_drains_in_flight_requests_refuses_new_ones_then_stops_workers(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path, f"gateway: {{drain_timeout_s: 60}}\nmodels:\n  a:\n    source: {tiny_model}\n"
+    )
+    gateway = Gateway(config)
+    body = {"prompt": "long", "max_length": 900, "temperature": 0}
+    with gateway, ThreadPoolExecutor(3) as pool:
+        assert gateway.post("/a", {"prompt": "warm", "max_length": 1}).status_code == 200
+        workers = gateway.workers()
+        in_flight = [pool.submit(gateway.client.post, "/a", json=body) for _ in range(2)]
+        assert wait_until(lambda: gateway.models()["a"]["in_flight"] == 2, timeout=10)
+        gateway.process.send_signal(signal.SIGTERM)
+        # While it drains it still answers: not ready, and no new work.
+        assert wait_until(lambda: gateway.client.get("/ready").status_code == 503, timeout=10)
+        refused = gateway.post("/a", {"prompt": "late", "max_length": 2})
+        assert refused.status_code == 503 and refused.headers["Retry-After"]
+        assert "shutting down" in refused.json()["error"]["message"]
+        replies = [f.result(timeout=120) for f in in_flight]
+        assert [r.status_code for r in replies] == [200, 200]  # finished, not cut
+        assert gateway.process.wait(60) in (0, -signal.SIGTERM)
+        assert not any(alive(pid) for pid in workers)
+    assert "drain complete" in gateway.log.read_text()

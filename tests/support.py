@@ -104,6 +104,8 @@ class Gateway:
     def __exit__(self, *exc: object) -> None:
         if self.process.poll() is None:
             self.stop()
+        self.client.close()
+        self._log_file.close()
         for pid in worker_pids(self.process.pid):  # never leave a stray worker behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)

@@ -237,3 +237,12 @@ def test_rows_report_events_on_the_event_loop(adapter: ChatTemplateAdapter) -> N
         return text
 
     assert asyncio.run(main())
+
+
+def test_regression_a_vanishing_temperature_is_greedy_not_a_crash(run: Run) -> None:
+    # Found by the schema fuzzer: logits divided by 1e-212 overflowed to inf/nan and the
+    # sampler raised, failing the whole batch with a 500.
+    greedy = run.run(run.row("hello", max_new_tokens=6))[0]
+    tiny = run.run(run.row("hello", max_new_tokens=6, temperature=1.4568e-212))[0]
+    small = run.run(run.row("hello", max_new_tokens=6, temperature=1e-4, seed=3))[0]
+    assert tiny.text == greedy.text == small.text

@@ -29,7 +29,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        return self.temperature < 1e-5  # below this, sampling is greedy in all but name
 
 
 @dataclass(frozen=True)

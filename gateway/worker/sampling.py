@@ -61,7 +61,9 @@ def _penalize(logits: torch.Tensor, row: Row, penalty: float) -> torch.Tensor:
 
 def _sample(logits: torch.Tensor, row: Row) -> int:
     params = row.params
-    logits = logits / params.temperature
+    # Shift so the best logit is 0 before dividing: a tiny temperature then gives -inf to
+    # the others (a greedy choice) instead of inf/nan.
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k > 0:
         k = min(params.top_k, logits.shape[-1])
         threshold = torch.topk(logits, k).values[-1]

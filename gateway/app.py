@@ -66,7 +66,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         background = [
             asyncio.create_task(supervisor.run_reaper()),
-            asyncio.create_task(supervisor.run_prober()),
+            asyncio.create_task(supervisor.prober.run()),
         ]
         if settings.watch_config:
             background.append(asyncio.create_task(reloader.watch()))

@@ -32,15 +32,16 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from gateway import budget, hub
+from gateway import budget
 from gateway.admission import Admission
 from gateway.config import ModelEntry, Registry
 from gateway.errors import ModelNotFound, ModelUnavailable, UpstreamFailed
 from gateway.events import EventBus
 from gateway.launcher import Backend, Launcher, LoadFailed
+from gateway.prober import Prober
+from gateway.residency import Changes, Residency
 from gateway.runtime import Lease, ModelRuntime, State, describe
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,18 @@ class Supervisor:
             name: self._runtime(name, entry) for name, entry in registry.models.items()
         }
         self._retiring: set[ModelRuntime] = set()
-        self._placement = asyncio.Lock()
-        self._changed = asyncio.Event()  # replaced on every change; see _notify
+        self._changes = Changes()
+        self.residency = Residency(
+            lambda: self.registry.gateway,
+            self._all_runtimes,
+            self._stop,
+            self._changes,
+            self.events,
+            clock,
+        )
+        self.prober = Prober(
+            lambda: self.registry.gateway, lambda: self.models.values(), self.take_out_of_service
+        )
         self._closing = False
 
     # -- lookups ----------------------------------------------------------------------------
@@ -122,7 +133,7 @@ class Supervisor:
                 finally:
                     self._release(runtime, keep_alive)
         finally:
-            self._notify()  # after the permit is back: drains and placements re-check
+            self._changes.notify()  # after the permit is back: drains and placements re-check
 
     def _release(self, runtime: ModelRuntime, keep_alive: float | None) -> None:
         runtime.in_flight -= 1
@@ -179,7 +190,7 @@ class Supervisor:
         runtime.stale = False
         started = self.clock()
         try:
-            await self._make_room(runtime)
+            await self.residency.make_room(runtime, lambda m: self._on_progress(runtime, m))
             backend = await self.launcher.launch(
                 runtime.name, runtime.entry, lambda m: self._on_progress(runtime, m)
             )
@@ -245,56 +256,6 @@ class Supervisor:
             runtime.last_error = message
             self._set_state(runtime, State.UNLOADED)
             log.warning("model %s: %s; the next request starts a new worker", runtime.name, message)
-
-    # -- placement --------------------------------------------------------------------------
-
-    async def _make_room(self, runtime: ModelRuntime) -> None:
-        """Reserve the model's memory, evicting idle models or waiting for busy ones."""
-        budgets = self.registry.gateway.memory_budget
-        runtime.estimate = budget.estimate(runtime.entry, self._local_path(runtime.entry))
-        deadline = self.clock() + self.registry.gateway.load_timeout_s
-        async with self._placement:
-            while True:
-                residents = [
-                    budget.Resident(r.name, r.footprint, r.busy, r.entry.pinned, r.last_used_mono)
-                    for r in self._all_runtimes()
-                    if r is not runtime and r.footprint
-                ]
-                plan = budget.plan(runtime.estimate, budgets, residents)
-                if plan.too_big is not None:
-                    raise LoadFailed("too_big", plan.too_big.message(runtime.name))
-                for name in plan.evict:
-                    log.info("evicting %s to make room for %s", name, runtime.name)
-                    self.events.publish({"type": "evict", "model": name, "for": runtime.name})
-                    await self._stop(self.models[name])
-                if not plan.blocked_by:
-                    runtime.footprint = dict(runtime.estimate)
-                    return
-                waiting = f"waiting for {', '.join(plan.blocked_by)} to finish, to make room"
-                self._on_progress(runtime, {"stage": "waiting", "message": waiting})
-                await self._wait_for_change(plan.blocked_by, deadline)
-
-    async def _wait_for_change(self, busy: list[str], deadline: float) -> None:
-        timeout = deadline - self.clock()
-        try:
-            await asyncio.wait_for(self._changed.wait(), max(0.0, timeout))
-        except asyncio.TimeoutError:
-            verb = "is" if len(busy) == 1 else "are"
-            raise LoadFailed(
-                "no_room",
-                f"no room on its devices while {', '.join(busy)} {verb} busy "
-                f"(waited {max(0.0, timeout):.0f}s)",
-            ) from None
-
-    def _notify(self) -> None:
-        """Wake everything waiting for a model to change state or go idle."""
-        self._changed.set()
-        self._changed = asyncio.Event()
-
-    def _local_path(self, entry: ModelEntry) -> Path | None:
-        if entry.source is None:
-            return None
-        return hub.locate(entry, entry.source, Path(self.registry.gateway.cache_dir))
 
     def _all_runtimes(self) -> list[ModelRuntime]:
         return [*self.models.values(), *self._retiring]
@@ -436,48 +397,20 @@ class Supervisor:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), remaining)
+            await self._changes.wait(remaining)
         return True
 
     async def shutdown(self) -> None:
         self._closing = True
         await asyncio.gather(*(self._stop(r) for r in self._all_runtimes()))
 
-    # -- health probes ----------------------------------------------------------------------
-
-    async def run_prober(self) -> None:
-        """Probe every ready worker; replace one that stops answering."""
-        failures: dict[str, int] = {}
-        while True:
-            settings = self.registry.gateway
-            await asyncio.sleep(settings.probe_interval_s)
-            ready = [r for r in self.models.values() if r.state == State.READY and r.backend]
-            results = await asyncio.gather(*(self._probe(r) for r in ready))
-            for runtime, ok in zip(ready, results, strict=True):
-                failures[runtime.name] = 0 if ok else failures.get(runtime.name, 0) + 1
-                if failures[runtime.name] >= settings.probe_failures:
-                    failures[runtime.name] = 0
-                    await self._replace_hung(runtime)
-
-    async def _probe(self, runtime: ModelRuntime) -> bool:
-        backend = runtime.backend
-        if backend is None or backend.pid is None:  # remote upstreams are not ours to restart
-            return True
-        try:
-            await backend.upstream.get("/health", timeout=self.registry.gateway.probe_interval_s)
-        except Exception as exc:
-            log.warning("health probe of %s failed: %s", runtime.name, exc)
-            return False
-        return True
-
-    async def _replace_hung(self, runtime: ModelRuntime) -> None:
+    async def take_out_of_service(self, runtime: ModelRuntime, reason: str) -> None:
+        """Stop a worker that is alive but useless: its requests get 502, the next starts anew."""
         backend = runtime.backend
         if backend is None:
             return
-        log.error("the worker of %s stopped answering its health probe; replacing it", runtime.name)
-        self._lost(runtime, "the worker stopped answering its health probe and was replaced")
-        await backend.stop(0.0)  # in-flight requests get 502; the next request starts afresh
+        self._lost(runtime, f"{reason}; it was replaced")
+        await backend.stop(0.0)
 
     # -- internals --------------------------------------------------------------------------
 
@@ -488,7 +421,7 @@ class Supervisor:
         if runtime.state == state:
             return
         runtime.state = state
-        self._notify()
+        self._changes.notify()
         event = {"type": "state", "model": runtime.name, "state": state.value}
         self.events.publish({**event, "error": runtime.last_error})
 

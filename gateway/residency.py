@@ -1,0 +1,100 @@
+"""Making room: a load that does not fit its devices' memory budgets evicts idle models,
+least recently used first, waits for busy ones to finish, and is refused when it could
+never fit. Loads are placed one at a time, so two loads never claim the same free bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from gateway import budget, hub
+from gateway.config import GatewaySettings, ModelEntry
+from gateway.events import EventBus
+from gateway.launcher import LoadFailed
+from gateway.runtime import ModelRuntime
+
+log = logging.getLogger(__name__)
+
+
+class Changes:
+    """A broadcast 'something changed' (a state, a request ending) to wake waiters."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def notify(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._event.wait(), max(0.0, timeout))
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+class Residency:
+    def __init__(
+        self,
+        settings: Callable[[], GatewaySettings],
+        runtimes: Callable[[], Iterable[ModelRuntime]],
+        stop: Callable[[ModelRuntime], Awaitable[None]],
+        changes: Changes,
+        events: EventBus,
+        clock: Callable[[], float],
+    ) -> None:
+        self.settings = settings
+        self.runtimes = runtimes
+        self.stop = stop
+        self.changes = changes
+        self.events = events
+        self.clock = clock
+        self._lock = asyncio.Lock()
+
+    async def make_room(
+        self, runtime: ModelRuntime, on_progress: Callable[[dict[str, Any]], None]
+    ) -> None:
+        """Reserve the model's memory (its estimate) before it loads; raise LoadFailed."""
+        settings = self.settings()
+        runtime.estimate = budget.estimate(runtime.entry, self._local_path(runtime.entry))
+        deadline = self.clock() + settings.load_timeout_s
+        async with self._lock:
+            while True:
+                others = [r for r in self.runtimes() if r is not runtime and r.footprint]
+                residents = [
+                    budget.Resident(r.name, r.footprint, r.busy, r.entry.pinned, r.last_used_mono)
+                    for r in others
+                ]
+                plan = budget.plan(runtime.estimate, settings.memory_budget, residents)
+                if plan.too_big is not None:
+                    raise LoadFailed("too_big", plan.too_big.message(runtime.name))
+                for victim in (r for r in others if r.name in plan.evict):
+                    log.info("evicting %s to make room for %s", victim.name, runtime.name)
+                    self.events.publish(
+                        {"type": "evict", "model": victim.name, "for": runtime.name}
+                    )
+                    await self.stop(victim)
+                if not plan.blocked_by:
+                    runtime.footprint = dict(runtime.estimate)
+                    return
+                busy = ", ".join(plan.blocked_by)
+                on_progress(
+                    {"stage": "waiting", "message": f"waiting for {busy} to finish, to make room"}
+                )
+                if not await self.changes.wait(deadline - self.clock()):
+                    raise LoadFailed(
+                        "no_room",
+                        f"no room on its devices while {busy} "
+                        f"{'is' if len(plan.blocked_by) == 1 else 'are'} busy "
+                        f"(waited {settings.load_timeout_s:.0f}s)",
+                    )
+
+    def _local_path(self, entry: ModelEntry) -> Path | None:
+        if entry.source is None:
+            return None
+        return hub.locate(entry, entry.source, Path(self.settings().cache_dir))

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
 from gateway.admission import Admission
 from gateway.config import Limits
 from gateway.errors import ModelUnavailable, RateLimited
+
+
+def holding(admission: Admission, gate: asyncio.Event) -> Callable[[], Awaitable[None]]:
+    """A request that holds its permit until `gate` is set."""
+
+    async def hold() -> None:
+        async with admission.permit():
+            await gate.wait()
+
+    return hold
 
 
 async def test_at_most_max_concurrency_run_and_the_rest_queue_in_order() -> None:
@@ -33,10 +44,7 @@ async def test_at_most_max_concurrency_run_and_the_rest_queue_in_order() -> None
 async def test_a_full_queue_refuses_at_once_with_retry_after() -> None:
     admission = Admission("m", Limits(max_concurrency=1, max_queue=1))
     gate = asyncio.Event()
-
-    async def hold() -> None:
-        async with admission.permit():
-            await gate.wait()
+    hold = holding(admission, gate)
 
     running = [asyncio.create_task(hold()), asyncio.create_task(hold())]
     await asyncio.sleep(0.01)
@@ -51,10 +59,7 @@ async def test_a_full_queue_refuses_at_once_with_retry_after() -> None:
 async def test_waiting_past_the_queue_timeout_gives_503_and_frees_the_place() -> None:
     admission = Admission("m", Limits(max_concurrency=1, max_queue=5, queue_timeout_s=0.05))
     gate = asyncio.Event()
-
-    async def hold() -> None:
-        async with admission.permit():
-            await gate.wait()
+    hold = holding(admission, gate)
 
     holder = asyncio.create_task(hold())
     await asyncio.sleep(0.01)
@@ -72,10 +77,7 @@ async def test_waiting_past_the_queue_timeout_gives_503_and_frees_the_place() ->
 async def test_a_cancelled_waiter_leaves_the_queue_without_leaking_a_slot() -> None:
     admission = Admission("m", Limits(max_concurrency=1, max_queue=5))
     gate = asyncio.Event()
-
-    async def hold() -> None:
-        async with admission.permit():
-            await gate.wait()
+    hold = holding(admission, gate)
 
     holder = asyncio.create_task(hold())
     await asyncio.sleep(0.01)

@@ -94,6 +94,19 @@ async def use(supervisor: Supervisor, name: str, keep_alive: float | None = None
         pass
 
 
+async def hold(supervisor: Supervisor, name: str) -> tuple[asyncio.Task[None], asyncio.Event]:
+    """A long request on `name`, in flight until the returned event is set."""
+    release = asyncio.Event()
+
+    async def long_request() -> None:
+        async with supervisor.lease(name):
+            await release.wait()
+
+    holder = asyncio.create_task(long_request())
+    await asyncio.sleep(0.01)
+    return holder, release
+
+
 async def test_concurrent_first_requests_share_one_start(launcher: FakeLauncher) -> None:
     launcher.delay = 0.05
     supervisor = Supervisor(registry("models: {a: {source: /a}}"), launcher)
@@ -158,14 +171,7 @@ async def test_a_budget_for_one_model_swaps_them_lru(launcher: FakeLauncher) -> 
 
 async def test_a_busy_model_is_not_evicted_the_new_load_waits(launcher: FakeLauncher) -> None:
     supervisor = Supervisor(registry(TWO), launcher)
-    release = asyncio.Event()
-
-    async def long_request() -> None:
-        async with supervisor.lease("a"):
-            await release.wait()
-
-    holder = asyncio.create_task(long_request())
-    await asyncio.sleep(0.01)
+    holder, release = await hold(supervisor, "a")
     waiting = asyncio.create_task(use(supervisor, "b"))
     await asyncio.sleep(0.05)
     assert not waiting.done() and launcher.alive() == ["a"]
@@ -179,14 +185,7 @@ async def test_waiting_for_a_busy_model_is_bounded(launcher: FakeLauncher) -> No
         "memory_budget: {cpu: 150}", "memory_budget: {cpu: 150}, load_timeout_s: 0.1"
     )
     supervisor = Supervisor(registry(text), launcher)
-    release = asyncio.Event()
-
-    async def long_request() -> None:
-        async with supervisor.lease("a"):
-            await release.wait()
-
-    holder = asyncio.create_task(long_request())
-    await asyncio.sleep(0.01)
+    holder, release = await hold(supervisor, "a")
     with pytest.raises(ModelUnavailable, match="waiting for a to finish") as refused:
         await use(supervisor, "b")
     assert refused.value.headers["Retry-After"]
@@ -281,14 +280,7 @@ async def test_apply_keeps_unchanged_restarts_changed_retires_removed(
 
 async def test_a_removed_model_finishes_its_request_before_it_stops(launcher: FakeLauncher) -> None:
     supervisor = Supervisor(registry("models: {a: {source: /a}, b: {source: /b}}"), launcher)
-    release = asyncio.Event()
-
-    async def long_request() -> None:
-        async with supervisor.lease("a"):
-            await release.wait()
-
-    holder = asyncio.create_task(long_request())
-    await asyncio.sleep(0.01)
+    holder, release = await hold(supervisor, "a")
     supervisor.apply(registry("models: {b: {source: /b}}"))
     await asyncio.sleep(0.01)
     assert not launcher.backends["a"].stopped

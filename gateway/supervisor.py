@@ -169,7 +169,7 @@ class Supervisor:
             ) from None
         except LoadFailed as exc:
             raise ModelUnavailable(
-                f"model {runtime.name!r} could not load: {exc.message}",
+                _about(runtime.name, exc.message),
                 code=exc.kind if exc.kind in ("no_room", "too_big") else "model_unavailable",
                 headers={"Retry-After": self._retry_after(runtime)},
             ) from None
@@ -424,6 +424,15 @@ class Supervisor:
         self._changes.notify()
         event = {"type": "state", "model": runtime.name, "state": state.value}
         self.events.publish({**event, "error": runtime.last_error})
+
+
+def _about(name: str, message: str) -> str:
+    """`model 'x' could not load: <reason>`, without naming the model twice."""
+    for prefix, replacement in ((f"model {name!r}: ", ""), (f"model {name!r} ", "it ")):
+        if message.startswith(prefix):
+            message = replacement + message[len(prefix) :]
+            break
+    return f"model {name!r} could not load: {message}"
 
 
 def _consume_exception(task: asyncio.Task[Any]) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import pytest
 
@@ -12,7 +13,7 @@ from gateway.config import Limits
 from gateway.errors import ModelUnavailable, RateLimited
 
 
-def holding(admission: Admission, gate: asyncio.Event) -> Callable[[], Awaitable[None]]:
+def holding(admission: Admission, gate: asyncio.Event) -> Callable[[], Coroutine[Any, Any, None]]:
     """A request that holds its permit until `gate` is set."""
 
     async def hold() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from gateway.auth import ApiKeyAuth, Keys, KeySourceError, load_keys
@@ -36,7 +37,8 @@ def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-ROUTES = [
+Route = tuple[str, str, object]
+ROUTES: list[Route] = [
     ("POST", "/tiny", {"prompt": "hi", "max_length": 1}),
     ("POST", "/", {"prompt": "hi", "max_length": 1}),
     ("POST", "/v1/chat/completions", CHAT),
@@ -47,14 +49,14 @@ ROUTES = [
     ("GET", "/docs", None),
     ("GET", "/v1/no-such-route", None),
 ]
-ADMIN_ROUTES = [
+ADMIN_ROUTES: list[Route] = [
     ("GET", "/admin/config", None),
     ("POST", "/admin/reload", None),
     ("POST", "/admin/models/tiny/load", None),
 ]
 
 
-def call(gw: Gateway, method: str, path: str, body: object, key: str | None) -> object:
+def call(gw: Gateway, method: str, path: str, body: object, key: str | None) -> httpx.Response:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return gw.client.request(method, path, json=body, headers=headers)
 

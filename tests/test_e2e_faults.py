@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.support import Gateway, wait_until, write_config
@@ -69,7 +70,7 @@ def gateway(
         yield gw
 
 
-def ask(gw: Gateway, model: str = "faulty", **extra: object) -> object:
+def ask(gw: Gateway, model: str = "faulty", **extra: object) -> httpx.Response:
     return gw.post(f"/{model}", {"prompt": "hello", "max_length": 4, **extra})
 
 

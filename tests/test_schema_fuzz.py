@@ -72,14 +72,14 @@ def test_no_input_makes_the_gateway_fail_or_break_its_error_contract(gateway: Ga
 
 
 def check_operation(gateway: Gateway, operation: Any, mode: Any) -> None:
-    @hypothesis.settings(
+    @hypothesis.settings(  # type: ignore[untyped-decorator]
         max_examples=25,
         deadline=None,
         database=None,
         derandomize=True,
         suppress_health_check=list(hypothesis.HealthCheck),
     )
-    @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+    @hypothesis.given(case=operation.as_strategy(generation_mode=mode))  # type: ignore[untyped-decorator]
     def run(case: Any) -> None:
         response = case.call(base_url=gateway.url, timeout=60)
         where = f"{case.method} {case.formatted_path} {case.body!r}"

@@ -41,8 +41,16 @@ class Gateway:
         self.log = config.parent / f"gateway-{self.port}.log"
         self._log_file = self.log.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "--config", str(config),
-             "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "gateway",
+                "serve",
+                "--config",
+                str(config),
+                "--port",
+                str(self.port),
+            ],
             cwd=ROOT,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,

@@ -51,7 +51,9 @@ def test_seed_route_replies_in_the_seed_shape(gateway: Gateway) -> None:
 
 def test_root_route_serves_the_default_model(gateway: Gateway) -> None:
     body = {"prompt": "hello", "max_length": 6, "temperature": 0}
-    assert gateway.post("/", body).json()["response"] == gateway.post("/tiny", body).json()["response"]
+    assert (
+        gateway.post("/", body).json()["response"] == gateway.post("/tiny", body).json()["response"]
+    )
 
 
 def test_chat_completion_has_openai_shape_and_usage(gateway: Gateway) -> None:
@@ -68,8 +70,12 @@ def test_chat_completion_has_openai_shape_and_usage(gateway: Gateway) -> None:
 
 
 def test_streamed_chat_matches_the_unstreamed_reply(gateway: Gateway) -> None:
-    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
-            "temperature": 0}
+    body = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 12,
+        "temperature": 0,
+    }
     whole = gateway.post("/v1/chat/completions", body).json()["choices"][0]["message"]["content"]
     streamed = gateway.post(
         "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
@@ -129,6 +135,7 @@ def test_concurrent_cold_requests_start_exactly_one_worker(
 ) -> None:
     config = write_config(tmp_path, f"models:\n  cold:\n    source: {tiny_model}\n")
     with Gateway(config) as gw, ThreadPoolExecutor(10) as pool:
+
         def ask(i: int) -> int:
             return gw.post("/cold", {"prompt": f"hello {i}", "max_length": 4}).status_code
 

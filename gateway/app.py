@@ -15,9 +15,11 @@ from fastapi import FastAPI
 
 from gateway.http import install_error_handlers
 from gateway.launcher import Launcher, ProcessLauncher
+from gateway.metrics import GatewayMetrics, RequestMetrics
 from gateway.middleware import BodyLimit
 from gateway.registry import LoadedRegistry
 from gateway.routes.health import health_router
+from gateway.routes.metrics import metrics_router
 from gateway.routes.openai import openai_router
 from gateway.routes.seed import seed_router
 from gateway.service import Inference
@@ -38,6 +40,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
         launcher = process_launcher
     supervisor = Supervisor(registry, launcher)
     inference = Inference(supervisor)
+    metrics = GatewayMetrics(supervisor)
     accepting = False
 
     @contextlib.asynccontextmanager
@@ -63,9 +66,12 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     )
     app.state.supervisor = supervisor
     app.state.registry = loaded
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(health_router(lambda: accepting))
+    app.include_router(metrics_router(metrics))
     app.include_router(openai_router(inference, supervisor))
     app.include_router(seed_router(inference, supervisor))  # last: POST /{model} catches all
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees every status
     return app

@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.errors import BadRequest, GatewayError, GatewayTimeout
 from gateway.http import unless_disconnected
+from gateway.metrics import label_model
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -63,12 +64,14 @@ class Inference:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         entry = self.supervisor.get(body.model).entry
+        label_model(request, body.model)
         self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
         resolved = resolve_chat(body, entry.generation, entry.system_prompt)
         return await self._openai(request, resolved, CHAT_PATH)
 
     async def completion(self, body: CompletionRequest, request: Request) -> Any:
         entry = self.supervisor.get(body.model).entry
+        label_model(request, body.model)
         self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
         return await self._openai(
             request, resolve_completion(body, entry.generation), COMPLETION_PATH
@@ -92,6 +95,7 @@ class Inference:
 
     async def seed(self, name: str, body: SeedRequest, request: Request) -> Any:
         entry = self.supervisor.get(name).entry
+        label_model(request, name)
         self._check_tokens(name, body.max_length, "max_length")
         chat = resolve_chat(seed_to_chat(body, name), entry.generation, entry.system_prompt)
         payload = self._payload(name, chat)

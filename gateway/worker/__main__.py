@@ -83,9 +83,13 @@ def load(spec: WorkerSpec, control: Control) -> Any:
 def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
     from gateway.worker.engine import Engine
     from gateway.worker.server import WorkerState
+    from gateway.worker.stats import WorkerStats
 
     batching = spec.entry.batching
-    engine = Engine(adapter, batching.max_batch_size, batching.batch_wait_ms / 1000)
+    stats = WorkerStats()
+    engine = Engine(
+        adapter, batching.max_batch_size, batching.batch_wait_ms / 1000, on_batch=stats.on_batch
+    )
     context = adapter.context_length()
     runtime = _runtime(adapter, load_seconds, context, engine.max_batch_size)
     return WorkerState(
@@ -96,6 +100,7 @@ def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
         stop_ids=frozenset(adapter.stop_token_ids()),
         context_length=context,
         info=lambda: {**runtime, "memory": memory_report(adapter.model)},
+        stats=stats,
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +22,7 @@ from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingF
 from gateway.worker.engine import Engine
 from gateway.worker.responses import ChunkWriter, Kind, full_reply
 from gateway.worker.rows import Delta, Event, Failed, Finished, Row, SamplingParams
+from gateway.worker.stats import RequestTrack, WorkerStats
 
 
 @dataclass
@@ -33,6 +34,7 @@ class WorkerState:
     stop_ids: frozenset[int]
     context_length: int
     info: Callable[[], dict[str, Any]]
+    stats: WorkerStats = field(default_factory=WorkerStats)
 
 
 def create_worker_app(state: WorkerState) -> FastAPI:
@@ -48,6 +50,12 @@ def create_worker_app(state: WorkerState) -> FastAPI:
     @app.get("/info")
     async def info() -> dict[str, Any]:
         return state.info()
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        """Cumulative counters for the gateway's /metrics (see `stats.py`)."""
+        engine = state.engine
+        return state.stats.snapshot(queued_rows=engine.queued, running_rows=engine.busy_rows)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -81,8 +89,10 @@ async def _serve(
     params = _sampling(state, body, len(prompt.ids), prompt_param)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
+    track = state.stats.track()
 
     def emit(event: Event) -> None:  # called from the generation thread
+        track.saw(event, len(row.output_ids))
         loop.call_soon_threadsafe(events.put_nowait, event)
 
     row = Row(
@@ -97,11 +107,13 @@ async def _serve(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter(kind, reply_id, body.model, include_usage)
-        return StreamingResponse(_stream(row, events, writer), media_type="text/event-stream")
+        return StreamingResponse(
+            _stream(row, events, writer, track), media_type="text/event-stream"
+        )
     try:
         done = await unless_disconnected(request, _collect(events))
     finally:
-        row.cancelled.set()  # a no-op when the row already finished
+        track.cancel(row)  # a no-op when the row already finished
     return full_reply(kind, reply_id, body.model, done)
 
 
@@ -142,7 +154,7 @@ async def _collect(events: asyncio.Queue[Event]) -> Finished:
 
 
 async def _stream(
-    row: Row, events: asyncio.Queue[Event], writer: ChunkWriter
+    row: Row, events: asyncio.Queue[Event], writer: ChunkWriter, track: RequestTrack
 ) -> AsyncIterator[bytes]:
     try:
         if first := writer.first():
@@ -160,4 +172,4 @@ async def _stream(
     except GatewayError as exc:
         yield writer.error(exc)
     finally:
-        row.cancelled.set()
+        track.cancel(row)  # a no-op when the row already finished

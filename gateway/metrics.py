@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway.supervisor import State, Supervisor
+from gateway.metric_sources import READY, ModelsView
 from gateway.worker_metrics import WorkerScraper
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -31,7 +31,7 @@ CLIENT_CLOSED = "499"
 
 
 class GatewayMetrics:
-    def __init__(self, supervisor: Supervisor, *, worker_timeout_s: float = 0.5) -> None:
+    def __init__(self, supervisor: ModelsView, *, worker_timeout_s: float = 0.5) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "llmgw_requests",
@@ -65,13 +65,13 @@ class GatewayMetrics:
 class SupervisorCollector:
     """Reads the supervisor's state at scrape time, so it can never drift from it."""
 
-    def __init__(self, supervisor: Supervisor) -> None:
+    def __init__(self, supervisor: ModelsView) -> None:
         self.supervisor = supervisor
 
     def collect(self) -> Iterator[Metric]:
         runtimes = list(self.supervisor.models.values())
         loaded = GaugeMetricFamily("llmgw_models_loaded", "Models whose worker is ready")
-        loaded.add_metric([], sum(r.state == State.READY for r in runtimes))
+        loaded.add_metric([], sum(r.state.value == READY for r in runtimes))
         yield loaded
         state = GaugeMetricFamily(
             "llmgw_model_state",
@@ -88,7 +88,7 @@ class SupervisorCollector:
             "llmgw_model_load_seconds", "Duration of the model's latest load", labels=["model"]
         )
         for runtime in runtimes:
-            for value in State:
+            for value in type(runtime.state):  # every state, so a dashboard sees the 0s too
                 state.add_metric([runtime.name, value.value], float(runtime.state == value))
             queued.add_metric([runtime.name], runtime.admission.waiting)
             running.add_metric([runtime.name], runtime.in_flight)

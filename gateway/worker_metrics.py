@@ -24,7 +24,7 @@ from prometheus_client.core import (
 from prometheus_client.utils import floatToGoString
 
 from gateway.errors import GatewayError
-from gateway.supervisor import ModelRuntime, State, Supervisor
+from gateway.metric_sources import READY, ModelsView, ModelView
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ GAUGES = {
 
 
 class WorkerScraper:
-    def __init__(self, supervisor: Supervisor, timeout_s: float) -> None:
+    def __init__(self, supervisor: ModelsView, timeout_s: float) -> None:
         self.supervisor = supervisor
         self.timeout_s = timeout_s
         self._last: dict[str, tuple[int | None, dict[str, Any]]] = {}  # name -> (pid, stats)
@@ -84,7 +84,7 @@ class WorkerScraper:
                 stats[runtime.name] = last[1]
         return list(families(stats, fresh))
 
-    async def _fetch(self, runtime: ModelRuntime) -> dict[str, Any] | None:
+    async def _fetch(self, runtime: ModelView) -> dict[str, Any] | None:
         backend = runtime.backend
         if backend is None:
             return None
@@ -97,9 +97,9 @@ class WorkerScraper:
             return None
 
 
-def _scrapable(runtime: ModelRuntime) -> bool:
+def _scrapable(runtime: ModelView) -> bool:
     return (
-        runtime.state == State.READY and runtime.backend is not None and not runtime.entry.is_remote
+        runtime.state.value == READY and runtime.backend is not None and not runtime.entry.is_remote
     )
 
 

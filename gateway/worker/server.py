@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,7 @@ from gateway.errors import BadRequest, ContextLengthExceeded, GatewayError
 from gateway.http import install_error_handlers, unless_disconnected
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, completion_id
 from gateway.worker.engine import Engine
+from gateway.worker.mailbox import Mailboxes
 from gateway.worker.responses import ChunkWriter, Kind, full_reply
 from gateway.worker.rows import Delta, Event, Failed, Finished, Row, SamplingParams
 from gateway.worker.stats import RequestTrack, WorkerStats
@@ -35,6 +37,7 @@ class WorkerState:
     context_length: int
     info: Callable[[], dict[str, Any]]
     stats: WorkerStats = field(default_factory=WorkerStats)
+    mailboxes: Mailboxes = field(default_factory=Mailboxes)
 
 
 def create_worker_app(state: WorkerState) -> FastAPI:
@@ -87,13 +90,14 @@ async def _serve(
     prompt_param: str,
 ) -> Any:
     params = _sampling(state, body, len(prompt.ids), prompt_param)
-    loop = asyncio.get_running_loop()
+    mailbox = state.mailboxes.for_loop(asyncio.get_running_loop())
     events: asyncio.Queue[Event] = asyncio.Queue()
     track = state.stats.track()
 
     def emit(event: Event) -> None:  # called from the generation thread
         track.saw(event, len(row.output_ids))
-        loop.call_soon_threadsafe(events.put_nowait, event)
+        if body.stream or not isinstance(event, Delta):  # a whole reply needs no deltas
+            mailbox.post(partial(events.put_nowait, event))
 
     row = Row(
         prompt_ids=prompt.ids,

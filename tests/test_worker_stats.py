@@ -37,9 +37,10 @@ def make_row(stats: WorkerStats, max_new_tokens: int = 50) -> tuple[Row, Any]:
     row: Row
 
     def emit(event: Event) -> None:
-        track.saw(event, len(row.output_ids))
+        track.saw(event)
 
-    row = Row([1, 2, 3], SamplingParams(max_new_tokens), frozenset({0}), _letters, emit)
+    params = SamplingParams(max_new_tokens)
+    row = Row([1, 2, 3], params, frozenset({0}), _letters, emit, on_token=track.token)
     return row, track
 
 
@@ -86,6 +87,7 @@ def test_a_cancel_counts_tokens_made_after_the_worker_noticed() -> None:
     clock.now += 0.005
     track.cancel(row)
     row.output_ids.append(7)  # a token that slipped in while the flag was being set
+    track.token(4)
     clock.now += 0.01
     row.push(7)  # the next step sees the flag and ends the row
     snap = stats.snapshot()
@@ -94,7 +96,8 @@ def test_a_cancel_counts_tokens_made_after_the_worker_noticed() -> None:
     (cancel,) = snap["recent_cancels"]
     assert cancel["tokens_at_notice"] == 3 and cancel["tokens"] == 4
     assert abs(cancel["noticed_at"] - 1000.035) < 1e-9
-    assert [n for _, n in cancel["timeline"]] == [1, 2, 3, 4, 4]  # deltas, the last delta, end
+    assert [n for _, n in cancel["timeline"]] == [1, 2, 3, 4]  # one point per token
+    assert abs(cancel["timeline"][2][0] - 1000.03) < 1e-9
     track.cancel(row)  # the handler's own `finally` again: no second count
     assert stats.snapshot()["counters"]["cancelled_requests"] == 1
 

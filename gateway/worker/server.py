@@ -95,7 +95,7 @@ async def _serve(
     track = state.stats.track()
 
     def emit(event: Event) -> None:  # called from the generation thread
-        track.saw(event, len(row.output_ids))
+        track.saw(event)
         if body.stream or not isinstance(event, Delta):  # a whole reply needs no deltas
             mailbox.post(partial(events.put_nowait, event))
 
@@ -105,6 +105,7 @@ async def _serve(
         stop_ids=state.stop_ids,
         decode=state.adapter.decode,
         emit=emit,
+        on_token=track.token,
     )
     state.engine.submit(row)
     reply_id = completion_id("chatcmpl" if kind == "chat" else "cmpl")

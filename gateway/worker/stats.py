@@ -6,10 +6,10 @@ Everything is cumulative since the worker started. The gateway reads `snapshot()
 model's name, so this module needs neither prometheus nor torch. The generation thread
 records and the event loop reads, so one lock guards the numbers.
 
-Cancellation is counted the way a client sees it: `tokens_after_cancel` is how many tokens a
-row gained after the worker learned that its client had gone, and `recent_cancels` keeps a
-short timeline of each cancelled row's last events, so a benchmark can also count the tokens
-made between the client's own disconnect and the worker noticing it.
+Cancellation: `tokens_after_cancel` is how many tokens a row gained after the worker learned
+that its client had gone, and `recent_cancels` keeps when each of a cancelled row's last
+tokens was made, so a benchmark can also count the tokens made between the client's own
+disconnect and the worker noticing it.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ BATCH_SIZE_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128)
 TTFT_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 RATE_BOUNDS = (1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 RECENT_CANCELS = 64
-TIMELINE = 16  # events remembered per live row, for the cancellation timeline
+TIMELINE = 16  # token times remembered per live row, for the cancellation timeline
 
 
 class Histogram:
@@ -119,10 +119,13 @@ class RequestTrack:
         self.notice: tuple[float, int] | None = None  # (when, tokens then) of the cancel
         self.timeline: deque[tuple[float, int]] = deque(maxlen=TIMELINE)
 
-    def saw(self, event: Event, tokens: int) -> None:
-        """An event of the row, which has produced `tokens` tokens so far."""
+    def token(self, count: int) -> None:
+        """The row's `count`-th token was just made (its `on_token` hook)."""
+        self.timeline.append((self.stats.clock(), count))
+
+    def saw(self, event: Event) -> None:
+        """An event of the row (its `emit` hook, generation thread)."""
         now = self.stats.clock()
-        self.timeline.append((now, tokens))
         first = isinstance(event, Delta) or (
             isinstance(event, Finished) and event.reason in ("stop", "length")
         )

@@ -24,6 +24,7 @@ from bench.common import (
     model_path,
     seed_server,
     serving,
+    worker_socket,
 )
 from bench.direct import Direct
 from bench.report import Goal, Section, finish, median, ms, percentile
@@ -66,7 +67,11 @@ def run(rounds: int = 40, large: bool = False) -> Section:
         }
 
         async def main() -> tuple[dict[str, list[float]], dict[str, set[int]]]:
-            async with clients.client() as http:
+            # The worker's own socket, skipping the gateway: splits the overhead in two.
+            path, body = targets["gateway (/v1/chat/completions)"].request(TOKENS)
+            await asyncio.to_thread(httpx.post, gateway.url + path, json=body, timeout=120)
+            uds = httpx.AsyncHTTPTransport(uds=worker_socket(gateway.url, MODEL_NAME))
+            async with clients.client() as http, httpx.AsyncClient(transport=uds) as worker:
 
                 async def run_direct() -> int:
                     return direct.complete(TOKENS)
@@ -76,6 +81,15 @@ def run(rounds: int = 40, large: bool = False) -> Section:
                 }
                 for label, target in targets.items():
                     contenders[label] = _bind(http, target)
+                contenders["worker alone (its socket, no gateway)"] = _bind(
+                    worker, clients.Target("worker", "http://worker", "openai", MODEL_NAME)
+                )
+
+                async def http_floor() -> int:  # one loopback round trip, no model at all
+                    (await http.get(gateway.url + "/health")).raise_for_status()
+                    return 0
+
+                contenders["HTTP floor: GET /health on the gateway"] = http_floor
                 return await _measure(contenders, rounds)
 
         times, tokens = asyncio.run(main())

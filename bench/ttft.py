@@ -16,7 +16,14 @@ from collections.abc import Awaitable, Callable
 import httpx
 
 from bench import clients
-from bench.common import MODEL_NAME, gateway_server, hf_server, model_path, serving
+from bench.common import (
+    MODEL_NAME,
+    gateway_server,
+    hf_server,
+    model_path,
+    serving,
+    worker_socket,
+)
 from bench.direct import Direct
 from bench.report import Section, finish, median, ms, percentile
 
@@ -39,7 +46,10 @@ def run(rounds: int = 40) -> Section:
         }
 
         async def main() -> dict[str, list[float]]:
-            async with clients.client() as http:
+            path, body = targets["gateway (/v1/chat/completions, stream)"].request(TOKENS)
+            await asyncio.to_thread(httpx.post, gateway.url + path, json=body, timeout=120)
+            uds = httpx.AsyncHTTPTransport(uds=worker_socket(gateway.url, MODEL_NAME))
+            async with clients.client() as http, httpx.AsyncClient(transport=uds) as worker:
 
                 async def run_direct() -> float:
                     return direct.first_token(TOKENS)
@@ -47,6 +57,9 @@ def run(rounds: int = 40) -> Section:
                 contenders: dict[str, Contender] = {DIRECT: run_direct}
                 for label, target in targets.items():
                     contenders[label] = _bind(http, target)
+                contenders["worker alone (its socket, stream)"] = _bind(
+                    worker, clients.Target("worker", "http://worker", "openai", MODEL_NAME)
+                )
                 return await _measure(contenders, rounds)
 
         times = asyncio.run(main())

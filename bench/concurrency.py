@@ -18,6 +18,7 @@ import httpx
 
 from bench import clients
 from bench.common import MODEL_NAME, gateway_server, hf_server, model_path, seed_server, serving
+from bench.direct import Direct
 from bench.report import Goal, Section, finish, median
 
 TOKENS = 32
@@ -111,16 +112,22 @@ def run(seconds: float = 9.0, levels: tuple[int, ...] = LEVELS, slices: int = 3)
             for name in names:
                 points[name][level] = merge(windows[name])
                 print(f"  {name:38s} {level:3d} clients: {points[name][level]}", flush=True)
-    return _section(points, levels, seconds)
+    # The servers are stopped: the ceiling is measured on a quiet machine (of this run).
+    direct = Direct(model)
+    ceiling = {level: direct.batch_rate(level, TOKENS) for level in levels}
+    return _section(points, levels, seconds, ceiling)
 
 
 def _section(
-    points: dict[str, dict[int, Point]], levels: tuple[int, ...], seconds: float
+    points: dict[str, dict[int, Point]],
+    levels: tuple[int, ...],
+    seconds: float,
+    ceiling: dict[int, float],
 ) -> Section:
     rows = []
     for level in levels:
         gw = points["gateway"][level].tokens_per_s
-        row = [str(level)]
+        row = [str(level), f"{ceiling[level]:.0f}"]
         for name in points:
             point = points[name][level]
             errors = f", {point.errors} errors" if point.errors else ""
@@ -140,6 +147,7 @@ def _section(
         command=f"python -m bench.concurrency --seconds {seconds:g}",
         columns=[
             "clients",
+            "ceiling: one in-process generate of that many rows, tok/s",
             *(f"{n} tok/s (p50 latency)" for n in points),
             *(f"gateway / {n}" for n in RATIOS),
         ],
@@ -151,10 +159,16 @@ def _section(
             "request when the last one is answered); p50 latency in brackets.",
             f"{CB} is not one of the issue's comparisons (its default does not batch); it is "
             "shown because a user choosing a server would try it.",
+            "The ceiling is `generate` on a batch of N identical prompts, 32 tokens each, in "
+            "the benchmark's own process after the servers stopped (best of 3): no server "
+            "can beat it, and a server that batches N requests perfectly would reach it.",
         ],
         data={
-            name: {str(level): vars(p) for level, p in by_level.items()}
-            for name, by_level in points.items()
+            "servers": {
+                name: {str(level): vars(p) for level, p in by_level.items()}
+                for name, by_level in points.items()
+            },
+            "ceiling": {str(level): rate for level, rate in ceiling.items()},
         },
     )
 

@@ -36,6 +36,26 @@ class Direct:
         self.tokenizer.decode(new, skip_special_tokens=True)
         return len(new)
 
+    def batch_rate(self, batch: int, max_tokens: int, repeats: int = 3) -> float:
+        """Tokens/s of one `generate` over `batch` copies of the prompt, exactly
+        `max_tokens` each (best of `repeats`): what batching can give at best."""
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
+        )
+        self.tokenizer.padding_side = "left"
+        inputs = self.tokenizer(
+            [text] * batch, return_tensors="pt", add_special_tokens=False, padding=True
+        )
+        best = float("inf")
+        for _ in range(repeats):
+            started = time.perf_counter()
+            with self.torch.inference_mode():
+                self.model.generate(
+                    **inputs, max_new_tokens=max_tokens, min_new_tokens=max_tokens, do_sample=False
+                )
+            best = min(best, time.perf_counter() - started)
+        return batch * max_tokens / best
+
     def first_new_token(self) -> list[int]:
         inputs = self.inputs()
         with self.torch.inference_mode():

@@ -24,26 +24,35 @@ TOKENS = 64
 TARGET_P99_S = 0.020
 
 
-def probe(url: str, seconds: float, interval: float = 0.01) -> list[float]:
+def probe(url: str, seconds: float) -> list[float]:
+    with httpx.Client(timeout=120.0) as http:
+        http.get(url).raise_for_status()  # open the connection before timing
+        return probe_with(http, url, seconds)
+
+
+def probe_with(http: httpx.Client, url: str, seconds: float, interval: float = 0.01) -> list[float]:
+    """Probe every `interval` for `seconds`; a probe that blocks is one (long) sample."""
     latencies: list[float] = []
-    with httpx.Client(timeout=60.0) as http:
-        http.get(url)  # open the connection before timing
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end or not latencies:
-            started = time.perf_counter()
-            http.get(url).raise_for_status()
-            latencies.append(time.perf_counter() - started)
-            time.sleep(max(0.0, interval - (time.perf_counter() - started)))
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        started = time.perf_counter()
+        http.get(url).raise_for_status()
+        latencies.append(time.perf_counter() - started)
+        time.sleep(max(0.0, interval - (time.perf_counter() - started)))
     return latencies
 
 
 def under_load(
     target: clients.Target, path: str, seconds: float, stream: bool = False
 ) -> tuple[list[float], dict[str, int]]:
-    loader = load.start(target, CLIENTS, seconds + 2, TOKENS, stream)
-    time.sleep(2)  # let the load reach its steady state
-    latencies = probe(target.url + path, seconds)
-    return latencies, load.result(loader, timeout=seconds + 120)
+    """Probe while the load runs: the load starts 2 s before the probes and is planned to
+    last 5 s beyond them, so that no probe ever finds the server idle."""
+    with httpx.Client(timeout=120.0) as http:
+        http.get(target.url + path).raise_for_status()  # connected before the load starts
+        loader = load.start(target, CLIENTS, seconds + 7, TOKENS, stream)
+        time.sleep(2)
+        latencies = probe_with(http, target.url + path, seconds)
+    return latencies, load.result(loader, timeout=seconds + 180)
 
 
 def run(seconds: float = 8.0) -> Section:
@@ -113,9 +122,10 @@ def run(seconds: float = 8.0) -> Section:
             )
         ],
         notes=[
-            f"Probes every 10 ms for {seconds:g} s from this process; the load runs in "
-            "another process. A slow probe delays the next one, so the seed-style server "
-            "gets fewer probes.",
+            f"Probes every 10 ms for {seconds:g} s from this process, over one keep-alive "
+            "connection opened before the load; the load runs in another process, from 2 s "
+            "before the first probe to 5 s after the last. A probe that waits delays the "
+            "next, so a server that blocks gets few (long) samples.",
         ],
         data=data,
     )

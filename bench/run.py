@@ -44,11 +44,20 @@ def plot(section: Section, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 4.5))
-    for name, by_level in section.data.items():
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for name, by_level in section.data["servers"].items():
         levels = sorted(int(level) for level in by_level)
         rates = [by_level[str(level)]["tokens_per_s"] for level in levels]
         axes.plot(levels, rates, marker="o", label=name)
+    ceiling = section.data["ceiling"]
+    levels = sorted(int(level) for level in ceiling)
+    axes.plot(
+        levels,
+        [ceiling[str(level)] for level in levels],
+        linestyle="--",
+        color="grey",
+        label="ceiling: in-process generate of N rows",
+    )
     axes.set_xscale("log", base=2)
     axes.set_xticks([1, 4, 16, 32], labels=["1", "4", "16", "32"])
     axes.set_xlabel("concurrent clients")
@@ -62,11 +71,11 @@ def plot(section: Section, path: Path) -> None:
     plt.close(figure)
 
 
-def document(sections: list[Section], notes: dict[str, str], seconds: float) -> str:
+def document(sections: list[Section], notes: dict[str, str]) -> str:
     shape = MODEL_SHAPE
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    commit = _git("rev-parse", "--short", "HEAD").strip()
+    dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "gateway", "bench")
+    tree = "with uncommitted changes to gateway/ or bench/" if dirty.strip() else "clean"
     lines = [
         "# Benchmarks",
         "",
@@ -91,14 +100,18 @@ def document(sections: list[Section], notes: dict[str, str], seconds: float) -> 
         "- Every server and the in-process baseline run with one intra-op thread "
         "(`OMP_NUM_THREADS=1`), hubs offline; greedy decoding; clients on loopback.",
         f"- Machine: {notes['cpu']}, no GPU; Python {notes['python']}; load average "
-        f"{notes['load average (1, 5, 15 min)']} at the start (other jobs share it). "
-        f"Commit {commit}; the run took {seconds / 60:.0f} min.",
+        f"{notes['load average (1, 5, 15 min)']} when this document was written (other "
+        f"jobs share the machine). Code: commit {commit}, {tree}.",
         "",
         f"![tokens/s vs concurrency]({PLOT.name})",
         "",
     ]
     lines += [section.markdown() for section in sections]
     return "\n".join(lines)
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
 
 
 def main() -> None:
@@ -116,7 +129,8 @@ def main() -> None:
     by_key = {s.key: s for s in sections}
     if "concurrency" in by_key:
         plot(by_key["concurrency"], PLOT)
-    text = document(sections, notes, time.perf_counter() - started)
+    text = document(sections, notes)
+    print(f"ran in {(time.perf_counter() - started) / 60:.1f} min")
     target = DOCS / "BENCHMARKS.md"
     old = target.read_text() if target.exists() else ""
     kept = old[old.index(ANALYSIS) :] if ANALYSIS in old else ANALYSIS + "\n"

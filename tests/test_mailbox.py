@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+from functools import partial
 
 from gateway.worker.mailbox import Mailbox, Mailboxes
 
@@ -22,7 +23,7 @@ def test_a_burst_of_posts_wakes_the_loop_once_and_keeps_its_order() -> None:
         box = CountingMailbox(asyncio.get_running_loop())
         got: list[int] = []
         for i in range(100):  # all posted before the loop runs again: one burst
-            box.post(lambda i=i: got.append(i))
+            box.post(partial(got.append, i))
         for _ in range(3):
             await asyncio.sleep(0)
         return got, box.wakeups
@@ -40,7 +41,7 @@ def test_posts_from_another_thread_all_arrive_in_order() -> None:
 
         def producer() -> None:
             for i in range(5000):
-                box.post(lambda i=i: got.append(i))
+                box.post(partial(got.append, i))
             box.post(done.set)
 
         thread = threading.Thread(target=producer)

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 import time
+from enum import Enum
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,7 +17,6 @@ from gateway.admission import Admission
 from gateway.config import ModelEntry
 from gateway.errors import UpstreamFailed
 from gateway.metrics import GatewayMetrics
-from gateway.supervisor import ModelRuntime, State
 from gateway.worker.engine import BatchRecord
 from gateway.worker.rows import Event, Row, SamplingParams
 from gateway.worker.stats import WorkerStats
@@ -126,11 +126,21 @@ class FakeUpstream:
         return self.answer
 
 
-def runtime(name: str, upstream: FakeUpstream, pid: int = 1) -> ModelRuntime:
+class Lifecycle(Enum):
+    READY = "ready"
+
+
+def runtime(name: str, upstream: FakeUpstream, pid: int = 1) -> Any:
+    """What the scraper reads of a supervisor's model record, and nothing more."""
     entry = ModelEntry(source="/nowhere")
-    backend = SimpleNamespace(pid=pid, upstream=upstream)
-    return ModelRuntime(
-        name, entry, Admission(name, entry.limits), state=State.READY, backend=backend
+    return SimpleNamespace(
+        name=name,
+        entry=entry,
+        state=Lifecycle.READY,
+        backend=SimpleNamespace(pid=pid, upstream=upstream),
+        admission=Admission(name, entry.limits),
+        in_flight=0,
+        load_seconds=None,
     )
 
 
@@ -155,12 +165,12 @@ def test_a_slow_worker_cannot_stall_the_scrape_and_keeps_its_last_numbers() -> N
     answer = stats.snapshot(queued_rows=2, running_rows=3)
     slow = runtime("slow", FakeUpstream(answer))
     fast = runtime("fast", FakeUpstream(answer))
-    supervisor = SimpleNamespace(models={"slow": slow, "fast": fast})
-    scraper = WorkerScraper(supervisor, timeout_s=0.2)  # type: ignore[arg-type]
+    supervisor: Any = SimpleNamespace(models={"slow": slow, "fast": fast})
+    scraper = WorkerScraper(supervisor, timeout_s=0.2)
 
     first = render(asyncio.run(scraper.scrape()))
     assert first[("llmgw_worker_stats_up", frozenset({("model", "slow")}))] == 1
-    slow.backend.upstream.delay = 5.0  # type: ignore[union-attr]
+    slow.backend.upstream.delay = 5.0
     started = time.perf_counter()
     second = render(asyncio.run(scraper.scrape()))
     assert time.perf_counter() - started < 1.0
@@ -179,23 +189,24 @@ def test_a_new_worker_never_shows_its_predecessors_numbers() -> None:
     answer = WorkerStats().snapshot()
     answer["counters"]["generated_tokens"] = 99
     model = runtime("m", FakeUpstream(answer), pid=10)
-    scraper = WorkerScraper(SimpleNamespace(models={"m": model}), timeout_s=0.2)  # type: ignore[arg-type]
+    supervisor: Any = SimpleNamespace(models={"m": model})
+    scraper = WorkerScraper(supervisor, timeout_s=0.2)
     assert (
         render(asyncio.run(scraper.scrape()))[
             ("llmgw_generated_tokens_total", frozenset({("model", "m")}))
         ]
         == 99
     )
-    model.backend = SimpleNamespace(pid=11, upstream=FakeUpstream(None))  # type: ignore[assignment]
+    model.backend = SimpleNamespace(pid=11, upstream=FakeUpstream(None))
     samples = render(asyncio.run(scraper.scrape()))
     assert ("llmgw_generated_tokens_total", frozenset({("model", "m")})) not in samples
     assert samples[("llmgw_worker_stats_up", frozenset({("model", "m")}))] == 0
 
 
 def test_each_app_has_its_own_registry() -> None:
-    supervisor = SimpleNamespace(models={})
-    one = GatewayMetrics(supervisor)  # type: ignore[arg-type]
-    two = GatewayMetrics(supervisor)  # type: ignore[arg-type]  # no "duplicated timeseries"
+    supervisor: Any = SimpleNamespace(models={})
+    one = GatewayMetrics(supervisor)
+    two = GatewayMetrics(supervisor)  # a shared registry would raise "Duplicated timeseries"
     one.observe("m", "/{model}", "200", 0.1)
     text = asyncio.run(two.render()).decode()
     assert 'llmgw_requests_total{model="m"' not in text

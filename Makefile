@@ -46,8 +46,12 @@ typecheck: $(STAMP)
 check: $(STAMP)
 	$(PY) -m gateway check --config models.yaml
 
-bench: $(STAMP)
+bench: $(STAMP) $(VENV)/.bench-installed  ## run every benchmark, write docs/BENCHMARKS.md (~10 min)
 	$(PY) -m bench.run
+
+$(VENV)/.bench-installed: pyproject.toml $(CONSTRAINTS) | $(STAMP)
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[worker,dev,bench]'
+	touch $@
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache *.egg-info

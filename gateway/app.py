@@ -18,11 +18,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from gateway.auth import ApiKeyAuth, load_keys
 from gateway.http import install_error_handlers
 from gateway.launcher import Launcher, ProcessLauncher
+from gateway.metrics import GatewayMetrics, RequestMetrics
 from gateway.middleware import BodyLimit
 from gateway.registry import LoadedRegistry
 from gateway.reloader import Reloader
 from gateway.routes.admin import admin_router
 from gateway.routes.health import health_router
+from gateway.routes.metrics import metrics_router
 from gateway.routes.openai import openai_router
 from gateway.routes.seed import seed_router
 from gateway.service import Inference
@@ -52,6 +54,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     supervisor = Supervisor(registry, launcher)
     reloader = Reloader(loaded, supervisor)
     inference = Inference(supervisor)
+    metrics = GatewayMetrics(supervisor)
     readiness = Readiness()
 
     async def drain() -> None:
@@ -99,12 +102,14 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     app.state.supervisor = supervisor
     app.state.registry = loaded
     app.state.drain = drain
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.include_router(health_router(lambda: readiness.accepting))
+    app.include_router(metrics_router(metrics))
     app.include_router(openai_router(inference, supervisor))
     app.include_router(admin_router(supervisor, reloader))
     app.include_router(seed_router(inference, supervisor))  # last: POST /{model} catches all
-    # Middleware runs outside-in in reverse order of addition: CORS, auth, then body limit.
+    # Middleware runs outside-in in reverse order of addition: metrics, CORS, auth, body limit.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ApiKeyAuth, keys=keys)
     if settings.cors_origins:
@@ -114,4 +119,5 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["Authorization", "Content-Type"],
         )
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees every status
     return app

@@ -21,6 +21,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.errors import BadRequest, GatewayError, GatewayTimeout, UpstreamUnreachable
 from gateway.http import unless_disconnected
+from gateway.metrics import label_model
 from gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -65,12 +66,14 @@ class Inference:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         entry = self.supervisor.get(body.model).entry
+        label_model(request, body.model)
         self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
         resolved = resolve_chat(body, entry.generation, entry.system_prompt, entry.is_remote)
         return await self._openai(request, resolved, CHAT_PATH)
 
     async def completion(self, body: CompletionRequest, request: Request) -> Any:
         entry = self.supervisor.get(body.model).entry
+        label_model(request, body.model)
         self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
         return await self._openai(
             request, resolve_completion(body, entry.generation, entry.is_remote), COMPLETION_PATH
@@ -85,7 +88,9 @@ class Inference:
             _, events, close = await self._open_stream(
                 request, name, body.keep_alive, path, payload
             )
-            return ManagedStream(_relay(events, name), close)
+            # A local worker already names the model as we do: relay its chunks untouched.
+            rename = payload["model"] != name
+            return ManagedStream(_relay(events, name, rename), close)
         reply = await self._call(request, name, body.keep_alive, path, payload)
         reply["model"] = name
         return JSONResponse(reply)
@@ -101,6 +106,7 @@ class Inference:
 
     async def _seed(self, name: str, body: SeedRequest, request: Request) -> Any:
         entry = self.supervisor.get(name).entry
+        label_model(request, name)
         self._check_tokens(name, body.max_length, "max_length")
         chat = resolve_chat(
             seed_to_chat(body, name), entry.generation, entry.system_prompt, entry.is_remote
@@ -219,15 +225,24 @@ async def _deadline(events: AsyncIterator[str], lease: Lease) -> AsyncIterator[s
         yield data
 
 
-async def _relay(events: AsyncIterator[str], name: str) -> AsyncIterator[bytes]:
+async def _relay(events: AsyncIterator[str], name: str, rename: bool) -> AsyncIterator[bytes]:
     try:
-        async for data in events:
-            if data == "[DONE]":
-                break
-            yield b"data: " + _rename(data, name).encode() + b"\n\n"
+        async for data in _until_done(events):
+            yield b"data: " + (_rename(data, name) if rename else data).encode() + b"\n\n"
     except GatewayError as exc:
         yield _sse(exc.envelope())
     yield b"data: [DONE]\n\n"
+
+
+async def _until_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The events before `[DONE]`. The rest of the body is read (and dropped) rather than
+    abandoned: a body read to its end lets the upstream connection be reused, where one
+    closed early costs a new connection per streamed request."""
+    done = False
+    async for data in events:
+        done = done or data == "[DONE]"
+        if not done:
+            yield data
 
 
 def _rename(data: str, name: str) -> str:
@@ -245,9 +260,7 @@ async def _seed_stream(events: AsyncIterator[str], name: str) -> AsyncIterator[b
     """Seed-route stream: `{"delta"}` events, then the full seed reply, then [DONE]."""
     text, finish, usage = "", None, None
     try:
-        async for data in events:
-            if data == "[DONE]":
-                break
+        async for data in _until_done(events):
             chunk = json.loads(data)
             if "error" in chunk:
                 yield _sse({**chunk, "status": _status_of(chunk)})

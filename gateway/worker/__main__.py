@@ -108,9 +108,13 @@ def _pull(spec: WorkerSpec, control: Control) -> Path:
 def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
     from gateway.worker.engine import Engine
     from gateway.worker.server import WorkerState
+    from gateway.worker.stats import WorkerStats
 
     batching = spec.entry.batching
-    engine = Engine(adapter, batching.max_batch_size, batching.batch_wait_ms / 1000)
+    stats = WorkerStats()
+    engine = Engine(
+        adapter, batching.max_batch_size, batching.batch_wait_ms / 1000, on_batch=stats.on_batch
+    )
     context = adapter.context_length()
     runtime = _runtime(adapter, load_seconds, context, engine.max_batch_size)
     return WorkerState(
@@ -123,6 +127,7 @@ def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
         info=lambda: {**runtime, "memory": memory_report(adapter.model)},
         stall_timeout_s=spec.entry.limits.request_timeout_s,
         default_max_tokens=spec.entry.generation.max_new_tokens,
+        stats=stats,
     )
 
 

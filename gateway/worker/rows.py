@@ -65,6 +65,7 @@ class Row:
     finish_reason: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     generator: Any = None  # a torch.Generator, made by the sampler on first use
+    on_token: Callable[[int], None] | None = None  # told the count after each token (stats)
     _sent: int = 0
     _stop_hit: bool = False
     _prefix: int = 0
@@ -85,6 +86,8 @@ class Row:
             self.finish("stop")
             return
         self.output_ids.append(token)
+        if self.on_token is not None:
+            self.on_token(len(self.output_ids))
         if self._detokenize():
             self.finish("stop")
         elif len(self.output_ids) >= self.params.max_new_tokens:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,8 +21,10 @@ from gateway.errors import BadRequest, ContextLengthExceeded, GatewayError
 from gateway.http import install_error_handlers, unless_disconnected
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, completion_id
 from gateway.worker.engine import Engine
+from gateway.worker.mailbox import Mailboxes
 from gateway.worker.responses import ChunkWriter, Kind, full_reply
 from gateway.worker.rows import Delta, Event, Failed, Finished, Row, SamplingParams
+from gateway.worker.stats import RequestTrack, WorkerStats
 
 
 @dataclass
@@ -35,6 +38,8 @@ class WorkerState:
     info: Callable[[], dict[str, Any]]
     default_max_tokens: int = 256  # the entry's generation.max_new_tokens
     stall_timeout_s: float = 600.0  # a batch without a decoding step this long: unhealthy
+    stats: WorkerStats = field(default_factory=WorkerStats)
+    mailboxes: Mailboxes = field(default_factory=Mailboxes)
 
 
 def create_worker_app(state: WorkerState) -> FastAPI:
@@ -57,6 +62,12 @@ def create_worker_app(state: WorkerState) -> FastAPI:
     @app.get("/info")
     async def info() -> dict[str, Any]:
         return state.info()
+
+    @app.get("/stats")
+    async def stats() -> dict[str, Any]:
+        """Cumulative counters for the gateway's /metrics (see `stats.py`)."""
+        engine = state.engine
+        return state.stats.snapshot(queued_rows=engine.queued, running_rows=engine.busy_rows)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
@@ -88,11 +99,14 @@ async def _serve(
     prompt_param: str,
 ) -> Any:
     params = _sampling(state, body, len(prompt.ids), prompt_param)
-    loop = asyncio.get_running_loop()
+    mailbox = state.mailboxes.for_loop(asyncio.get_running_loop())
     events: asyncio.Queue[Event] = asyncio.Queue()
+    track = state.stats.track()
 
     def emit(event: Event) -> None:  # called from the generation thread
-        loop.call_soon_threadsafe(events.put_nowait, event)
+        track.saw(event)
+        if body.stream or not isinstance(event, Delta):  # a whole reply needs no deltas
+            mailbox.post(partial(events.put_nowait, event))
 
     row = Row(
         prompt_ids=prompt.ids,
@@ -100,17 +114,20 @@ async def _serve(
         stop_ids=state.stop_ids,
         decode=state.adapter.decode,
         emit=emit,
+        on_token=track.token,
     )
     state.engine.submit(row)
     reply_id = completion_id("chatcmpl" if kind == "chat" else "cmpl")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         writer = ChunkWriter(kind, reply_id, body.model, include_usage)
-        return StreamingResponse(_stream(row, events, writer), media_type="text/event-stream")
+        return StreamingResponse(
+            _stream(row, events, writer, track), media_type="text/event-stream"
+        )
     try:
         done = await unless_disconnected(request, _collect(events))
     finally:
-        row.cancelled.set()  # a no-op when the row already finished
+        track.cancel(row)  # a no-op when the row already finished
     return full_reply(kind, reply_id, body.model, done)
 
 
@@ -151,7 +168,7 @@ async def _collect(events: asyncio.Queue[Event]) -> Finished:
 
 
 async def _stream(
-    row: Row, events: asyncio.Queue[Event], writer: ChunkWriter
+    row: Row, events: asyncio.Queue[Event], writer: ChunkWriter, track: RequestTrack
 ) -> AsyncIterator[bytes]:
     try:
         if first := writer.first():
@@ -169,4 +186,4 @@ async def _stream(
     except GatewayError as exc:
         yield writer.error(exc)
     finally:
-        row.cancelled.set()
+        track.cancel(row)  # a no-op when the row already finished

@@ -167,7 +167,11 @@ def serving(server: Server, timeout: float = 120.0) -> Iterator[Server]:
 
 
 def gateway_server(
-    model: Path, *, max_batch_size: int = 32, batch_wait_ms: float | None = None
+    model: Path,
+    *,
+    max_batch_size: int = 32,
+    batch_wait_ms: float | None = None,
+    refill_wait_ms: float | None = None,
 ) -> Server:
     """The gateway, started as a user would (`llm-gateway serve`), serving one model.
 
@@ -178,6 +182,7 @@ def gateway_server(
     WORK.mkdir(parents=True, exist_ok=True)
     config = WORK / f"models-{port}.yaml"
     wait = "" if batch_wait_ms is None else f", batch_wait_ms: {batch_wait_ms}"
+    wait += "" if refill_wait_ms is None else f", refill_wait_ms: {refill_wait_ms}"
     config.write_text(
         f"gateway:\n"
         f"  default_model: {MODEL_NAME}\n"

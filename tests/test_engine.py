@@ -246,3 +246,39 @@ def test_regression_a_vanishing_temperature_is_greedy_not_a_crash(run: Run) -> N
     tiny = run.run(run.row("hello", max_new_tokens=6, temperature=1.4568e-212))[0]
     small = run.run(run.row("hello", max_new_tokens=6, temperature=1e-4, seed=3))[0]
     assert tiny.text == greedy.text == small.text
+
+
+def test_rows_returning_right_after_a_batch_are_gathered_back_together(
+    adapter: ChatTemplateAdapter,
+) -> None:
+    # Closed-loop clients come back one by one as their replies arrive; without the refill
+    # wait the first to return would start a batch alone and the rest would queue behind it.
+    runner = Run(adapter, max_batch_size=8, wait_s=0.0)
+    runner.engine.refill_wait_s = 0.5
+    try:
+        runner.run(*(runner.row(f"first {i}", max_new_tokens=3) for i in range(4)))
+        returning = [runner.row(f"again {i}", max_new_tokens=3) for i in range(4)]
+        for row in returning:
+            runner.engine.submit(row[0])
+            time.sleep(0.002)  # they trickle back
+        runner.run()
+        for _, _, done in returning:
+            assert done.wait(30)
+        while runner.engine.busy_rows or runner.engine.queued:
+            time.sleep(0.001)
+        assert [b.size for b in runner.batches] == [4, 4]
+    finally:
+        runner.engine.stop()
+
+
+def test_a_lone_client_never_waits_for_company(adapter: ChatTemplateAdapter) -> None:
+    runner = Run(adapter, max_batch_size=8, wait_s=0.0)
+    runner.engine.refill_wait_s = 5.0
+    try:
+        runner.run(runner.row("alone", max_new_tokens=2))
+        target, _, _ = runner.engine._gather_goal()  # what the next arrival would wait for
+        assert target == 1  # the batch before had one row: it is complete on arrival
+        runner.run(*(runner.row(f"pair {i}", max_new_tokens=2) for i in range(2)))
+        assert runner.engine._gather_goal()[0] == 2
+    finally:
+        runner.engine.stop()

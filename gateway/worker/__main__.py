@@ -113,7 +113,11 @@ def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
     batching = spec.entry.batching
     stats = WorkerStats()
     engine = Engine(
-        adapter, batching.max_batch_size, batching.batch_wait_ms / 1000, on_batch=stats.on_batch
+        adapter,
+        batching.max_batch_size,
+        batching.batch_wait_ms / 1000,
+        on_batch=stats.on_batch,
+        refill_wait_s=batching.refill_wait_ms / 1000,
     )
     context = adapter.context_length()
     runtime = _runtime(adapter, load_seconds, context, engine.max_batch_size)

@@ -24,6 +24,7 @@ from gateway.errors import GatewayError, OutOfMemory
 from gateway.worker.rows import Row
 
 log = logging.getLogger(__name__)
+REFILL_GAP_S = 0.010  # while refilling, a pause this long between arrivals ends the wait
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,15 @@ class Engine:
         max_batch_size: int,
         batch_wait_s: float,
         on_batch: Callable[[BatchRecord], None] | None = None,
+        refill_wait_s: float = 0.0,
     ) -> None:
         limit = adapter.max_batch_size
         self.adapter = adapter
         self.max_batch_size = min(max_batch_size, limit) if limit else max_batch_size
         self.batch_wait_s = batch_wait_s
+        self.refill_wait_s = refill_wait_s
+        self._last_size = 0  # rows in the latest batch, and when it ended
+        self._last_end = 0.0
         self.on_batch = on_batch
         self._queue: queue.Queue[Row | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
@@ -100,16 +105,16 @@ class Engine:
                 _free_memory()
             finally:
                 self.busy_rows = 0
+                self._last_size, self._last_end = len(live), time.monotonic()
 
     def _gather(self) -> list[Row] | None:
         first = self._queue.get()
         if first is None:
             return None
         batch = [first]
-        waited_already = not self._queue.empty()
-        deadline = time.monotonic() + (0.0 if waited_already else self.batch_wait_s)
-        while len(batch) < self.max_batch_size:
-            timeout = deadline - time.monotonic()
+        target, deadline, gap = self._gather_goal()
+        while len(batch) < target:
+            timeout = min(deadline - time.monotonic(), gap)
             try:
                 row = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
@@ -119,6 +124,25 @@ class Engine:
                 break
             batch.append(row)
         return batch
+
+    def _gather_goal(self) -> tuple[int, float, float]:
+        """How many rows to wait for, until when, and how long for each next one.
+
+        Right after a batch of n rows ends, its clients tend to come back at once (each
+        sends its next request when its reply arrives); starting with the first to return
+        would make the others wait a whole batch behind it. So wait for n, for at most
+        `refill_wait_s` after that batch, and only while they keep arriving (a pause of
+        REFILL_GAP_S ends the wait). Otherwise rows already queued have waited long
+        enough: take them and go; or wait `batch_wait_s` (0 by default) for company.
+        """
+        now = time.monotonic()
+        if now - self._last_end < self.refill_wait_s:
+            expected = max(self._last_size, self._queue.qsize() + 1)
+            deadline = self._last_end + self.refill_wait_s
+            return min(expected, self.max_batch_size), deadline, REFILL_GAP_S
+        if not self._queue.empty():
+            return self.max_batch_size, now, 0.0
+        return self.max_batch_size, now + self.batch_wait_s, self.batch_wait_s
 
     @staticmethod
     def _drop_cancelled(row: Row) -> bool:

@@ -197,3 +197,35 @@ def test_queue_depth_and_in_flight_show_requests_waiting_for_a_slot(gateway: Gat
     idle = scrape(gateway)
     assert value(idle, "llmgw_queue_depth", model="narrow") == 0
     assert value(idle, "llmgw_in_flight_requests", model="narrow") == 0
+
+
+def test_a_client_that_leaves_a_plain_request_cancels_only_its_row(gateway: Gateway) -> None:
+    seed(gateway, "/tiny")
+    before = scrape(gateway)
+    body = {"prompt": "hello", "max_length": 500, "temperature": 0}
+    with ThreadPoolExecutor(1) as pool:
+        # A neighbour in the same worker that must run to its own end.
+        other = pool.submit(seed, gateway, "/tiny", 300)
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up
+            httpx.post(f"{gateway.url}/tiny", json=body, timeout=httpx.Timeout(60, read=0.1))
+        assert other.result().status_code == 200
+
+    def cancelled() -> float:
+        return value(scrape(gateway), "llmgw_cancelled_requests_total", model="tiny") - value(
+            before, "llmgw_cancelled_requests_total", model="tiny"
+        )
+
+    assert wait_until(lambda: cancelled() == 1, timeout=20)
+    after = scrape(gateway)
+    late = value(after, "llmgw_tokens_after_cancel_total", model="tiny") - value(
+        before, "llmgw_tokens_after_cancel_total", model="tiny"
+    )
+    assert late <= 2
+    finished = "llmgw_worker_requests_finished_total"
+    done = value(after, finished, model="tiny", reason="length") + value(
+        after, finished, model="tiny", reason="stop"
+    )
+    done -= value(before, finished, model="tiny", reason="length") + value(
+        before, finished, model="tiny", reason="stop"
+    )
+    assert done == 1  # the neighbour; the abandoned row never ran to its limit

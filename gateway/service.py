@@ -85,9 +85,7 @@ class Inference:
         name = body.model
         payload = self._payload(name, body)
         if body.stream:
-            _, events, close = await self._open_stream(
-                request, name, body.keep_alive, path, payload
-            )
+            events, close = await self._open_stream(request, name, body.keep_alive, path, payload)
             # A local worker already names the model as we do: relay its chunks untouched.
             rename = payload["model"] != name
             return ManagedStream(_relay(events, name, rename), close)
@@ -113,7 +111,7 @@ class Inference:
         )
         payload = self._payload(name, chat)
         if body.stream:
-            _, events, close = await self._open_stream(
+            events, close = await self._open_stream(
                 request, name, body.keep_alive, CHAT_PATH, payload
             )
             return ManagedStream(_seed_stream(events, name), close)
@@ -133,7 +131,7 @@ class Inference:
         limit = self.supervisor.get(name).entry.limits.max_new_tokens
         if requested is not None and requested > limit:
             raise BadRequest(
-                f"{param} is {requested}, above model {name!r}'s limit of {limit} new tokens",
+                f"{param} is {requested}, above the limit of {limit} new tokens for model {name!r}",
                 param=param,
                 code="max_tokens_exceeded",
             )
@@ -176,27 +174,25 @@ class Inference:
         keep_alive: float | None,
         path: str,
         payload: dict[str, Any],
-    ) -> tuple[Lease, AsyncIterator[str], Callable[[], Awaitable[None]]]:
+    ) -> tuple[AsyncIterator[str], Callable[[], Awaitable[None]]]:
+        """Take a lease and open the upstream stream; return its events and their cleanup."""
         stack = AsyncExitStack()
 
-        async def open_() -> tuple[Lease, AsyncIterator[str]]:
-            lease = await stack.enter_async_context(self.supervisor.lease(name, keep_alive))
-            events = await stack.enter_async_context(lease.upstream.stream(path, payload))
-            return lease, events
-
-        async def open_once() -> tuple[Lease, AsyncIterator[str]]:
+        async def open_() -> AsyncIterator[str]:
             try:
-                return await open_()
+                lease = await stack.enter_async_context(self.supervisor.lease(name, keep_alive))
+                events = await stack.enter_async_context(lease.upstream.stream(path, payload))
             except UpstreamUnreachable:
-                await stack.aclose()  # give the lease back before the retry takes another
+                await stack.aclose()  # give the lease back before a retry takes another
                 raise
+            return _deadline(events, lease)
 
         try:
-            lease, events = await unless_disconnected(request, _retry_unreachable(open_once))
+            events = await unless_disconnected(request, _retry_unreachable(open_))
         except BaseException:
             await stack.aclose()
             raise
-        return lease, _deadline(events, lease), stack.aclose
+        return events, stack.aclose
 
 
 async def _retry_unreachable(attempt: Callable[[], Awaitable[T]]) -> T:

@@ -222,7 +222,7 @@ def test_an_unknown_field_is_named_in_the_message(gateway: Gateway) -> None:
 
 def test_a_length_above_the_limit_says_both_numbers(gateway: Gateway) -> None:
     error = check_envelope(gateway.post("/tiny", {"prompt": "hi", "max_length": 33}), 400)
-    assert error["message"] == "max_length is 33, above model 'tiny''s limit of 32 new tokens"
+    assert error["message"] == "max_length is 33, above the limit of 32 new tokens for model 'tiny'"
 
 
 def test_malformed_json_says_what_is_wrong(gateway: Gateway) -> None:

@@ -192,6 +192,3 @@ class GatewaySettings(Strict):
 class Registry(Strict):
     gateway: GatewaySettings = GatewaySettings()
     models: dict[str, ModelEntry]
-
-    def default_name(self) -> str | None:
-        return self.gateway.default_model

@@ -35,7 +35,6 @@ class ModelRuntime:
     last_used: float | None = None  # wall clock, for display
     last_used_mono: float = 0.0
     keep_alive_s: float | None = None  # the latest request's wish, overriding the entry's
-    load_started: float | None = None
     load_seconds: float | None = None
     progress: dict[str, Any] | None = None
     last_error: str | None = None
@@ -44,8 +43,6 @@ class ModelRuntime:
     crashes: list[float] = field(default_factory=list)
     estimate: Footprint = field(default_factory=dict)  # before loading
     footprint: Footprint = field(default_factory=dict)  # held now (reserved or measured)
-    stale: bool = False  # its registry entry changed: restart once idle
-    removed: bool = False  # gone from the registry: stop once idle, then forget
     idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:

@@ -185,9 +185,7 @@ class Supervisor:
 
     async def _load(self, runtime: ModelRuntime) -> Backend:
         self._set_state(runtime, State.STARTING)
-        runtime.load_started = time.time()
         runtime.progress = None
-        runtime.stale = False
         started = self.clock()
         try:
             await self.residency.make_room(runtime, lambda m: self._on_progress(runtime, m))
@@ -372,12 +370,11 @@ class Supervisor:
         if runtime.state == State.FAILED:
             self._set_state(runtime, State.UNLOADED)
         if runtime.backend is not None or runtime.start_task is not None:
-            runtime.stale = True  # new requests wait for the drain, then start the new entry
+            # New requests wait for this drain (stop_task), then start the new entry.
             asyncio.get_running_loop().create_task(self._stop(runtime))
         return runtime
 
     def _retire(self, runtime: ModelRuntime) -> None:
-        runtime.removed = True
         self._retiring.add(runtime)
 
         async def stop_then_forget() -> None:

@@ -58,6 +58,8 @@ class Adapter(Protocol):
     - `load()` is called once, before anything else, in the worker's main thread.
     - `chat_prompt()`/`completion_prompt()` are pure and thread-safe.
     - `before_generate()` runs in the generation thread right before every `generate` call.
+      Continuous batching (see `gateway/worker/decoding.py`) makes no such call, so an
+      adapter that overrides the hook batches whole `generate` calls instead.
     - `max_batch_size` of 1 means the model must never see two requests in one batch.
     """
 

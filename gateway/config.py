@@ -79,11 +79,10 @@ class Batching(Strict):
     # batch runs are batched anyway, and a window only delays every request that finds
     # the engine idle (5 ms cost a lone 16-token request 20% on the benchmark model).
     batch_wait_ms: float = Field(0.0, ge=0)
-    # Right after a batch of n rows ends, wait up to this long for n rows to come back
-    # before starting a smaller batch (clients in a closed loop return together). Off by
-    # default: on a 2-core CPU box it gained 30% at 4 clients but cost 3-9% at 16-32,
-    # where generation gains more from overlapping the HTTP work (bench/refill.py).
-    refill_wait_ms: float = Field(0.0, ge=0)
+    # Rows join and leave a running batch between decoding steps, for models whose cache
+    # the engine can splice (transformers' own decoder-only models with full attention);
+    # other models, or `false`, batch whole `generate` calls (gateway/worker/decoding.py).
+    continuous: bool = True
 
 
 class PythonEnv(Strict):

@@ -28,6 +28,9 @@ def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             limits: {{max_new_tokens: 512}}
           broken:
             source: {tiny_model.parent / "does-not-exist"}
+          stepwise:
+            source: {tiny_model}
+            batching: {{continuous: false}}
         """,
     )
     with Gateway(config) as gw:
@@ -111,9 +114,20 @@ def test_seed_stream_ends_with_the_full_reply(gateway: Gateway) -> None:
 def test_models_lists_every_entry_with_its_state(gateway: Gateway) -> None:
     gateway.post("/tiny", {"prompt": "x", "max_length": 1})
     models = gateway.models()
-    assert set(models) == {"tiny", "broken"}
+    assert set(models) == {"tiny", "broken", "stepwise"}
     assert models["tiny"]["state"] == "ready"
     assert models["tiny"]["runtime"]["transformers"].startswith("5.")
+    assert models["tiny"]["runtime"]["batching"] == "continuous"
+
+
+def test_both_batching_modes_reply_with_the_same_greedy_text(gateway: Gateway) -> None:
+    body = {"prompt": "the same words", "max_length": 12, "temperature": 0}
+    with ThreadPoolExecutor(3) as pool:  # concurrent, so rows share passes
+        continuous = list(pool.map(lambda _: gateway.post("/tiny", body), range(3)))
+        stepwise = list(pool.map(lambda _: gateway.post("/stepwise", body), range(3)))
+    assert gateway.models()["stepwise"]["runtime"]["batching"] == "per-generate"
+    texts = {reply.json()["response"] for reply in continuous + stepwise}
+    assert len(texts) == 1 and texts != {""}
 
 
 def test_a_failed_model_answers_503_with_the_reason_and_others_keep_serving(

@@ -14,6 +14,7 @@ import pytest
 from adapters.base import LoadSpec
 from adapters.chat_template import ChatTemplateAdapter
 from gateway.errors import OutOfMemory
+from gateway.worker.decoding import RunningBatch, cancel_requested, supports_continuous
 from gateway.worker.engine import BatchRecord, Engine
 from gateway.worker.rows import Delta, Event, Failed, Finished, Row, SamplingParams
 
@@ -28,10 +29,19 @@ def adapter(tiny_model: Path) -> ChatTemplateAdapter:
 class Run:
     """An engine plus helpers to submit rows and collect their events."""
 
-    def __init__(self, adapter: Any, max_batch_size: int = 8, wait_s: float = 0.05) -> None:
+    def __init__(
+        self,
+        adapter: Any,
+        max_batch_size: int = 8,
+        wait_s: float = 0.05,
+        continuous: bool = True,
+    ) -> None:
         self.batches: list[BatchRecord] = []
         self.adapter = adapter
-        self.engine = Engine(adapter, max_batch_size, wait_s, on_batch=self.batches.append)
+        self.engine = Engine(
+            adapter, max_batch_size, wait_s, on_batch=self.batches.append, continuous=continuous
+        )
+        assert self.engine.continuous == continuous  # the tiny Llama can run either way
         self.engine.start()
 
     def row(self, prompt: str, **params: Any) -> tuple[Row, list[Event], threading.Event]:
@@ -61,9 +71,18 @@ class Run:
         return results  # type: ignore[return-value]
 
 
+MODES = {"continuous": True, "per-generate": False}
+
+
+@pytest.fixture(params=MODES)
+def mode(request: pytest.FixtureRequest) -> bool:
+    """Each engine test runs with both batching modes."""
+    return MODES[request.param]
+
+
 @pytest.fixture
-def run(adapter: ChatTemplateAdapter) -> Iterator[Run]:
-    runner = Run(adapter)
+def run(adapter: ChatTemplateAdapter, mode: bool) -> Iterator[Run]:
+    runner = Run(adapter, continuous=mode)
     yield runner
     runner.engine.stop()
 
@@ -73,9 +92,10 @@ PROMPTS = ["hello", "你好,你是谁？", "a much longer prompt with many more 
 
 def test_batched_greedy_rows_equal_the_same_rows_run_alone(run: Run) -> None:
     alone = [run.run(run.row(p))[0].text for p in PROMPTS]
+    run.batches.clear()
     together = [f.text for f in run.run(*(run.row(p) for p in PROMPTS))]
     assert together == alone
-    assert run.batches[-1].size == len(PROMPTS)  # they really shared one generate call
+    assert max(b.size for b in run.batches) == len(PROMPTS)  # they really shared a batch
 
 
 def test_each_row_keeps_its_own_token_limit(run: Run) -> None:
@@ -147,17 +167,23 @@ def test_a_row_cancelled_while_queued_never_runs(run: Run) -> None:
     assert row[0].output_ids == []
 
 
-def test_concurrent_submissions_are_gathered_into_one_batch(adapter: ChatTemplateAdapter) -> None:
-    runner = Run(adapter, max_batch_size=4, wait_s=0.2)
+def test_concurrent_submissions_are_gathered_into_one_batch(
+    adapter: ChatTemplateAdapter, mode: bool
+) -> None:
+    runner = Run(adapter, max_batch_size=4, wait_s=0.2, continuous=mode)
     try:
         runner.run(*(runner.row(f"prompt {i}", max_new_tokens=4) for i in range(6)))
-        assert sorted(b.size for b in runner.batches) == [2, 4]
+        sizes = [b.size for b in runner.batches]
+        if mode:  # one record per decoding step: four rows, then the two that waited
+            assert sizes == [4, 4, 4, 2, 2, 2]
+        else:  # one record per generate call
+            assert sorted(sizes) == [2, 4]
     finally:
         runner.engine.stop()
 
 
 def test_an_adapter_that_forbids_batching_runs_rows_one_by_one(
-    adapter: ChatTemplateAdapter,
+    adapter: ChatTemplateAdapter, mode: bool
 ) -> None:
     class Unbatchable:
         max_batch_size = 1
@@ -165,10 +191,11 @@ def test_an_adapter_that_forbids_batching_runs_rows_one_by_one(
         def __getattr__(self, name: str) -> Any:
             return getattr(adapter, name)
 
-    runner = Run(Unbatchable(), max_batch_size=8, wait_s=0.1)
+    runner = Run(Unbatchable(), max_batch_size=8, wait_s=0.1, continuous=mode)
     try:
-        runner.run(*(runner.row(p, max_new_tokens=3) for p in PROMPTS))
-        assert [b.size for b in runner.batches] == [1, 1, 1, 1]
+        results = runner.run(*(runner.row(p, max_new_tokens=3) for p in PROMPTS))
+        assert [r.completion_tokens for r in results] == [3, 3, 3, 3]
+        assert {b.size for b in runner.batches} == {1}
     finally:
         runner.engine.stop()
 
@@ -197,7 +224,7 @@ def test_out_of_memory_fails_only_that_batch(adapter: ChatTemplateAdapter) -> No
         def __getattr__(self, name: str) -> Any:
             return getattr(adapter, name)
 
-    runner = Run(OomOnce())
+    runner = Run(OomOnce(), continuous=False)
     try:
         row = runner.row("hello")
         runner.engine.submit(row[0])
@@ -206,6 +233,112 @@ def test_out_of_memory_fails_only_that_batch(adapter: ChatTemplateAdapter) -> No
         assert isinstance(failure, Failed) and isinstance(failure.error, OutOfMemory)
         assert failure.error.status == 503
         assert runner.run(runner.row("hello", max_new_tokens=2))[0].completion_tokens == 2
+    finally:
+        runner.engine.stop()
+
+
+def test_out_of_memory_in_a_decoding_step_fails_its_rows_and_the_engine_goes_on(
+    adapter: ChatTemplateAdapter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    real_step = RunningBatch.step
+    steps = 0
+
+    def step_then_fail_once(self: RunningBatch, model: Any) -> None:
+        nonlocal steps
+        steps += 1
+        if steps == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        real_step(self, model)
+
+    monkeypatch.setattr(RunningBatch, "step", step_then_fail_once)
+    runner = Run(adapter)
+    try:
+        rows = [runner.row(p, max_new_tokens=8) for p in PROMPTS[:2]]
+        for row in rows:
+            runner.engine.submit(row[0])
+        for row in rows:
+            assert row[2].wait(30)
+            failure = row[1][-1]
+            assert isinstance(failure, Failed) and failure.error.status == 503
+        assert runner.run(runner.row("hello", max_new_tokens=2))[0].completion_tokens == 2
+    finally:
+        runner.engine.stop()
+
+
+def test_a_row_joins_a_running_batch_and_leaves_it_when_done(adapter: ChatTemplateAdapter) -> None:
+    runner = Run(adapter)
+    try:
+        for first, late in [(PROMPTS[0], PROMPTS[2]), (PROMPTS[2], PROMPTS[0])]:  # both widths
+            expected = runner.run(runner.row(late, max_new_tokens=6))[0].text
+            long_row = runner.row(first, max_new_tokens=120)
+            runner.engine.submit(long_row[0])
+            while len(long_row[0].output_ids) < 10:
+                time.sleep(0.001)
+            late_row = runner.row(late, max_new_tokens=6)
+            runner.engine.submit(late_row[0])
+            assert late_row[2].wait(30)
+            # It finished while the long row was still generating: it did not wait for it.
+            assert not long_row[2].is_set()
+            assert late_row[1][-1] == Finished("length", len(late_row[0].prompt_ids), 6, expected)
+            assert long_row[2].wait(30)
+        sizes = [b.size for b in runner.batches]
+        assert 2 in sizes and sizes[-1] == 1  # together for a while, then alone again
+    finally:
+        runner.engine.stop()
+
+
+def test_cache_padding_is_trimmed_when_the_longest_row_leaves(
+    adapter: ChatTemplateAdapter,
+) -> None:
+    run = Run(adapter, continuous=False)  # only for its row helper
+    run.engine.stop()
+    short, _, _ = run.row("hi", max_new_tokens=3)
+    long, _, _ = run.row(PROMPTS[2] * 3, max_new_tokens=3)
+    import torch
+
+    model = adapter.model
+    with torch.inference_mode():
+        batch = RunningBatch.prefill(model, [short, long], adapter.pad_token_id(), "cpu")
+        assert batch.mask.shape[1] == len(long.prompt_ids)
+        long.cancelled.set()
+        cancel_requested(batch.rows)
+        batch.drop_finished()
+        # One row left: no column of padding, the cache as wide as its own tokens.
+        assert batch.rows == [short]
+        assert batch.mask.shape[1] == len(short.prompt_ids)
+        assert bool(batch.mask.all())
+        assert all(layer.keys.shape[2] == len(short.prompt_ids) for layer in batch.cache.layers)
+        batch.step(model)
+        assert batch.mask.shape[1] == len(short.prompt_ids) + 1
+    assert len(short.output_ids) == 2
+
+
+def test_models_that_bring_their_own_cache_code_are_batched_per_generate(
+    adapter: ChatTemplateAdapter, faulty_model: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    assert supports_continuous(adapter.model)
+    remote = AutoModelForCausalLM.from_pretrained(faulty_model, trust_remote_code=True)
+    assert not supports_continuous(remote)
+
+
+def test_an_adapter_with_a_before_generate_hook_is_batched_per_generate(
+    adapter: ChatTemplateAdapter,
+) -> None:
+    class Hooked(ChatTemplateAdapter):
+        def before_generate(self) -> None:
+            self.calls = getattr(self, "calls", 0) + 1
+
+    hooked = Hooked.__new__(Hooked)
+    hooked.__dict__.update(adapter.__dict__)  # the loaded model, without a second load
+    runner = Run(hooked, continuous=False)
+    try:
+        assert Engine(hooked, 8, 0.0, continuous=True).mode == "per-generate"
+        runner.run(runner.row("hello", max_new_tokens=2))
+        assert hooked.calls == 1  # the hook the continuous loop could not have called
     finally:
         runner.engine.stop()
 
@@ -246,39 +379,3 @@ def test_regression_a_vanishing_temperature_is_greedy_not_a_crash(run: Run) -> N
     tiny = run.run(run.row("hello", max_new_tokens=6, temperature=1.4568e-212))[0]
     small = run.run(run.row("hello", max_new_tokens=6, temperature=1e-4, seed=3))[0]
     assert tiny.text == greedy.text == small.text
-
-
-def test_rows_returning_right_after_a_batch_are_gathered_back_together(
-    adapter: ChatTemplateAdapter,
-) -> None:
-    # Closed-loop clients come back one by one as their replies arrive; without the refill
-    # wait the first to return would start a batch alone and the rest would queue behind it.
-    runner = Run(adapter, max_batch_size=8, wait_s=0.0)
-    runner.engine.refill_wait_s = 0.5
-    try:
-        runner.run(*(runner.row(f"first {i}", max_new_tokens=3) for i in range(4)))
-        returning = [runner.row(f"again {i}", max_new_tokens=3) for i in range(4)]
-        for row in returning:
-            runner.engine.submit(row[0])
-            time.sleep(0.002)  # they trickle back
-        runner.run()
-        for _, _, done in returning:
-            assert done.wait(30)
-        while runner.engine.busy_rows or runner.engine.queued:
-            time.sleep(0.001)
-        assert [b.size for b in runner.batches] == [4, 4]
-    finally:
-        runner.engine.stop()
-
-
-def test_a_lone_client_never_waits_for_company(adapter: ChatTemplateAdapter) -> None:
-    runner = Run(adapter, max_batch_size=8, wait_s=0.0)
-    runner.engine.refill_wait_s = 5.0
-    try:
-        runner.run(runner.row("alone", max_new_tokens=2))
-        target, _, _ = runner.engine._gather_goal()  # what the next arrival would wait for
-        assert target == 1  # the batch before had one row: it is complete on arrival
-        runner.run(*(runner.row(f"pair {i}", max_new_tokens=2) for i in range(2)))
-        assert runner.engine._gather_goal()[0] == 2
-    finally:
-        runner.engine.stop()

@@ -87,6 +87,7 @@ def test_deepseek_shaped_model_serves_from_its_pinned_environment(gateway: Gatew
     assert runtime["torch"] == importlib.metadata.version("torch")
     assert "tiny-deepseek-" in runtime["executable"]
     assert runtime["context_length"] == 4096
+    assert runtime["batching"] == "per-generate"  # remote code keeps its own cache
 
 
 def test_deepseek_chat_with_history_and_system_prompt(gateway: Gateway) -> None:

@@ -117,10 +117,10 @@ def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
         batching.max_batch_size,
         batching.batch_wait_ms / 1000,
         on_batch=stats.on_batch,
-        refill_wait_s=batching.refill_wait_ms / 1000,
+        continuous=batching.continuous,
     )
     context = adapter.context_length()
-    runtime = _runtime(adapter, load_seconds, context, engine.max_batch_size)
+    runtime = _runtime(adapter, load_seconds, context, engine)
     return WorkerState(
         name=spec.name,
         adapter=adapter,
@@ -184,7 +184,7 @@ def _max_memory(raw: dict[str, int] | None) -> dict[int | str, int] | None:
     return {int(k) if k.isdigit() else k: v for k, v in raw.items()}
 
 
-def _runtime(adapter: Any, load_seconds: float, context: int, batch: int) -> dict[str, Any]:
+def _runtime(adapter: Any, load_seconds: float, context: int, engine: Any) -> dict[str, Any]:
     import torch
     import transformers
 
@@ -199,7 +199,8 @@ def _runtime(adapter: Any, load_seconds: float, context: int, batch: int) -> dic
         "device": str(getattr(model, "device", "cpu")),
         "device_map": getattr(model, "hf_device_map", None),
         "context_length": context,
-        "max_batch_size": batch,
+        "max_batch_size": engine.max_batch_size,
+        "batching": engine.mode,
         "load_seconds": round(load_seconds, 3),
         "pid": os.getpid(),
     }

@@ -1,9 +1,13 @@
-"""Dynamic batching: concurrent requests become batched `generate` calls on one thread.
+"""Dynamic batching: concurrent requests share decoding steps on one generation thread.
 
-Requests are queued as `Row`s. The generation thread takes the first waiting row, gathers
-more for up to `batch_wait_s` (none if rows were already waiting: they waited long enough),
-up to `max_batch_size`, left-pads them into one batch and runs `generate` with per-row
-sampling and stopping (see `sampling.py`). Each row reports its tokens as they come and
+Requests are queued as `Row`s. With continuous batching (the default, for models whose
+cache can be spliced: see `decoding.py`), the thread decodes a running batch one step at
+a time; between steps, rows that arrived are prefilled and join it, and finished or
+cancelled rows leave it, so nobody waits for a whole batch and no finished row is
+computed as padding. Otherwise rows are gathered into whole `generate` calls with per-row
+sampling and stopping (see `sampling.py`): the thread takes the first waiting row, gathers
+more for up to `batch_wait_s` (none if rows were already waiting: they waited long
+enough), up to `max_batch_size`. Either way each row reports its tokens as they come and
 ends on its own; a cancelled row stops within a step. Generation runs off the event loop,
 so the worker's HTTP side stays responsive while the model computes.
 """
@@ -19,16 +23,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.base import Adapter
+from adapters.base import Adapter, TransformersAdapter
 from gateway.errors import GatewayError, OutOfMemory
 from gateway.worker.rows import Row
 
 log = logging.getLogger(__name__)
-REFILL_GAP_S = 0.010  # while refilling, a pause this long between arrivals ends the wait
 
 
 @dataclass(frozen=True)
 class BatchRecord:
+    """One batched forward pass: a whole `generate` call, or one continuous decoding step."""
+
     size: int
     prompt_tokens: int
     new_tokens: int
@@ -42,15 +47,13 @@ class Engine:
         max_batch_size: int,
         batch_wait_s: float,
         on_batch: Callable[[BatchRecord], None] | None = None,
-        refill_wait_s: float = 0.0,
+        continuous: bool = True,
     ) -> None:
         limit = adapter.max_batch_size
         self.adapter = adapter
         self.max_batch_size = min(max_batch_size, limit) if limit else max_batch_size
         self.batch_wait_s = batch_wait_s
-        self.refill_wait_s = refill_wait_s
-        self._last_size = 0  # rows in the latest batch, and when it ended
-        self._last_end = 0.0
+        self.continuous = continuous and _can_splice(adapter)
         self.on_batch = on_batch
         self._queue: queue.Queue[Row | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
@@ -76,6 +79,10 @@ class Engine:
     def queued(self) -> int:
         return self._queue.qsize()
 
+    @property
+    def mode(self) -> str:
+        return "continuous" if self.continuous else "per-generate"
+
     def stalled_for(self) -> float:
         """Seconds the running batch has gone without a decoding step (0 when idle)."""
         return time.monotonic() - self.last_progress if self.busy_rows else 0.0
@@ -88,6 +95,9 @@ class Engine:
     # -- the generation thread -------------------------------------------------------------
 
     def _run(self) -> None:
+        if self.continuous:
+            self._run_continuous()
+            return
         while (batch := self._gather()) is not None:
             live = [row for row in batch if not self._drop_cancelled(row)]
             if not live:
@@ -97,24 +107,102 @@ class Engine:
             try:
                 self._generate(live)
             except Exception as exc:  # one bad batch must not kill the worker
-                error = _as_gateway_error(exc)
-                if error.status >= 500:
-                    log.exception("generation failed")
-                for row in live:
-                    row.fail(error)
-                _free_memory()
+                self._fail(live, exc)
             finally:
                 self.busy_rows = 0
-                self._last_size, self._last_end = len(live), time.monotonic()
+
+    def _run_continuous(self) -> None:
+        from gateway.worker.decoding import RunningBatch
+
+        running: RunningBatch | None = None
+        closing = False
+        while True:
+            if running is None:
+                if closing or (arrived := self._gather()) is None:
+                    return
+            else:
+                arrived, closing = self._take_waiting(self.max_batch_size - len(running), closing)
+            try:
+                running = self._advance(running, arrived)
+            except Exception as exc:  # one bad step fails its rows, not the worker
+                self._fail((running.rows if running else []) + arrived, exc)
+                running = None
+            self.busy_rows = len(running) if running else 0
+
+    def _take_waiting(self, room: int, closing: bool) -> tuple[list[Row], bool]:
+        """Rows that arrived during the last step, as many as the batch has room for."""
+        taken: list[Row] = []
+        while len(taken) < room and not closing:
+            try:
+                row = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if row is None:  # stop requested: finish the running rows, take no more
+                closing = True
+            else:
+                taken.append(row)
+        return taken, closing
+
+    def _advance(self, running: Any, arrived: list[Row]) -> Any:
+        """Admit the rows that arrived, then run one decoding step; returns the running
+        batch, or None once it has no rows left."""
+        import torch
+
+        from gateway.worker.decoding import RunningBatch, cancel_requested
+
+        started = time.perf_counter()
+        model = self.adapter.model
+        live = [row for row in arrived if not self._drop_cancelled(row)]
+        involved = (running.rows if running else []) + live
+        before = [len(row.output_ids) for row in involved]
+        with torch.inference_mode():
+            if live:
+                self.busy_rows = len(involved)
+                pad = self.adapter.pad_token_id()
+                joined = RunningBatch.prefill(model, live, pad, _input_device(model))
+                if running is None:
+                    running = joined
+                else:
+                    running.absorb(joined)
+            if running is None:
+                return None
+            cancel_requested(running.rows)
+            running.drop_finished()
+            if len(running):
+                running.step(model)
+        self.last_progress = time.monotonic()
+        running.drop_finished()
+        grown = [len(row.output_ids) - count for row, count in zip(involved, before, strict=True)]
+        if self.on_batch is not None and any(grown):
+            self.on_batch(
+                BatchRecord(
+                    size=sum(1 for tokens in grown if tokens),  # rows this pass advanced
+                    prompt_tokens=sum(len(row.prompt_ids) for row in live),
+                    new_tokens=sum(grown),
+                    seconds=time.perf_counter() - started,
+                )
+            )
+        return running if len(running) else None
+
+    def _fail(self, rows: list[Row], exc: Exception) -> None:
+        error = _as_gateway_error(exc)
+        if error.status >= 500:
+            log.exception("generation failed")
+        for row in rows:
+            row.fail(error)
+        _free_memory()
 
     def _gather(self) -> list[Row] | None:
+        """Wait for a row, then take the rows already waiting (or wait `batch_wait_s` for
+        company when none were), up to `max_batch_size`."""
         first = self._queue.get()
         if first is None:
             return None
         batch = [first]
-        target, deadline, gap = self._gather_goal()
-        while len(batch) < target:
-            timeout = min(deadline - time.monotonic(), gap)
+        waited = not self._queue.empty()
+        deadline = time.monotonic() + (0.0 if waited else self.batch_wait_s)
+        while len(batch) < self.max_batch_size:
+            timeout = deadline - time.monotonic()
             try:
                 row = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
@@ -124,25 +212,6 @@ class Engine:
                 break
             batch.append(row)
         return batch
-
-    def _gather_goal(self) -> tuple[int, float, float]:
-        """How many rows to wait for, until when, and how long for each next one.
-
-        Right after a batch of n rows ends, its clients tend to come back at once (each
-        sends its next request when its reply arrives); starting with the first to return
-        would make the others wait a whole batch behind it. So wait for n, for at most
-        `refill_wait_s` after that batch, and only while they keep arriving (a pause of
-        REFILL_GAP_S ends the wait). Otherwise rows already queued have waited long
-        enough: take them and go; or wait `batch_wait_s` (0 by default) for company.
-        """
-        now = time.monotonic()
-        if now - self._last_end < self.refill_wait_s:
-            expected = max(self._last_size, self._queue.qsize() + 1)
-            deadline = self._last_end + self.refill_wait_s
-            return min(expected, self.max_batch_size), deadline, REFILL_GAP_S
-        if not self._queue.empty():
-            return self.max_batch_size, now, 0.0
-        return self.max_batch_size, now + self.batch_wait_s, self.batch_wait_s
 
     @staticmethod
     def _drop_cancelled(row: Row) -> bool:
@@ -155,11 +224,12 @@ class Engine:
         import torch
         from transformers import LogitsProcessorList, StoppingCriteriaList
 
+        from gateway.worker.decoding import left_pad
         from gateway.worker.sampling import RowSampler, RowStopper
 
         started = time.perf_counter()
         pad = self.adapter.pad_token_id()
-        input_ids, attention = _left_pad([row.prompt_ids for row in rows], pad)
+        input_ids, attention = left_pad([row.prompt_ids for row in rows], pad)
         device = _input_device(self.adapter.model)
         self.adapter.before_generate()
         with torch.inference_mode():
@@ -195,16 +265,14 @@ class Engine:
         self.last_progress = time.monotonic()
 
 
-def _left_pad(prompts: list[list[int]], pad: int) -> tuple[Any, Any]:
-    import torch
+def _can_splice(adapter: Adapter) -> bool:
+    from gateway.worker.decoding import supports_continuous
 
-    width = max(len(p) for p in prompts)
-    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention = torch.zeros((len(prompts), width), dtype=torch.long)
-    for index, prompt in enumerate(prompts):
-        input_ids[index, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention[index, width - len(prompt) :] = 1
-    return input_ids, attention
+    # The decoding loop makes no `generate` call, so a `before_generate` hook would never run.
+    hook = getattr(type(adapter), "before_generate", None)
+    if hook is not None and hook is not TransformersAdapter.before_generate:
+        return False
+    return supports_continuous(adapter.model)
 
 
 def _input_device(model: Any) -> Any:

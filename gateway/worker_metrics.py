@@ -29,7 +29,10 @@ from gateway.metric_sources import READY, ModelsView, ModelView
 log = logging.getLogger(__name__)
 
 HISTOGRAMS = {
-    "batch_size": ("llmgw_batch_size", "Rows in each batched generate call"),
+    "batch_size": (
+        "llmgw_batch_size",
+        "Rows in each batched pass (a decoding step, or a generate call)",
+    ),
     "time_to_first_token_seconds": (
         "llmgw_time_to_first_token_seconds",
         "In the worker: from a request's arrival to its first generated text",
@@ -40,14 +43,14 @@ HISTOGRAMS = {
     ),
     "batch_tokens_per_second": (
         "llmgw_batch_tokens_per_second",
-        "Tokens a batched generate call produced per second, all rows together",
+        "Tokens a batched pass produced per second, all rows together",
     ),
 }
 COUNTERS = {
     "generated_tokens": ("llmgw_generated_tokens", "Tokens generated (rate() = tokens/s)"),
     "prompt_tokens": ("llmgw_prompt_tokens", "Prompt tokens prefilled"),
     "generation_seconds": ("llmgw_generation_seconds", "Time spent inside generate"),
-    "batches": ("llmgw_batches", "Batched generate calls"),
+    "batches": ("llmgw_batches", "Batched passes (decoding steps, or generate calls)"),
     "cancelled_requests": (
         "llmgw_cancelled_requests",
         "Requests whose client left before the reply was complete",

@@ -171,18 +171,18 @@ def gateway_server(
     *,
     max_batch_size: int = 32,
     batch_wait_ms: float | None = None,
-    refill_wait_ms: float | None = None,
+    continuous: bool | None = None,
 ) -> Server:
     """The gateway, started as a user would (`llm-gateway serve`), serving one model.
 
-    `max_batch_size` 32 lets the largest client count share one batch; the gather window is
-    the registry's default unless given.
+    `max_batch_size` 32 lets the largest client count share one batch; the gather window and
+    the batching mode are the registry's defaults unless given.
     """
     port = free_port()
     WORK.mkdir(parents=True, exist_ok=True)
     config = WORK / f"models-{port}.yaml"
     wait = "" if batch_wait_ms is None else f", batch_wait_ms: {batch_wait_ms}"
-    wait += "" if refill_wait_ms is None else f", refill_wait_ms: {refill_wait_ms}"
+    wait += "" if continuous is None else f", continuous: {str(continuous).lower()}"
     config.write_text(
         f"gateway:\n"
         f"  default_model: {MODEL_NAME}\n"

@@ -1,10 +1,10 @@
-"""What the engine's refill wait buys: the gateway with and without it, side by side.
+"""What continuous batching buys: the gateway batching per decoding step vs per `generate`
+call, side by side. `python -m bench.batching [--seconds 6] [--levels 1 4 16 32]`
 
-    python -m bench.refill [--seconds 6] [--levels 4 16 32]
-
-Closed-loop clients come back one by one as their replies arrive. Without a refill wait
-the first to return starts a batch alone and the others queue behind a whole batch; with
-it, the engine waits (at most `refill_wait_ms` after a batch of n ends) for n rows.
+Closed-loop clients come back one by one as their replies arrive. Batching whole
+`generate` calls, a request that arrives while a batch runs waits for all of it, and a
+row that finished is computed as padding until the longest one ends; with continuous
+batching it joins at the next step and finished rows leave at once.
 """
 
 from __future__ import annotations
@@ -16,22 +16,22 @@ from bench import clients
 from bench.common import MODEL_NAME, gateway_server, model_path, serving
 from bench.concurrency import Slice, measure, merge
 
-SETTINGS = {"refill 0 ms (default)": 0.0, "refill 30 ms": 30.0}
+SETTINGS = {"per generate call": False, "continuous (default)": True}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=6.0)
-    parser.add_argument("--levels", type=int, nargs="*", default=[4, 16, 32])
+    parser.add_argument("--levels", type=int, nargs="*", default=[1, 4, 16, 32])
     parser.add_argument("--windows", type=int, default=3)
     args = parser.parse_args()
     model = model_path()
     slices: dict[tuple[str, int], list[Slice]] = {}
     with (
-        serving(gateway_server(model, refill_wait_ms=0.0)) as without,
-        serving(gateway_server(model, refill_wait_ms=30.0)) as with_refill,
+        serving(gateway_server(model, continuous=False)) as static,
+        serving(gateway_server(model, continuous=True)) as continuous,
     ):
-        servers = dict(zip(SETTINGS, (without, with_refill), strict=True))
+        servers = dict(zip(SETTINGS, (static, continuous), strict=True))
         for window in range(args.windows):
             for level in args.levels:
                 order = list(servers.items())

@@ -325,6 +325,23 @@ def test_models_that_bring_their_own_cache_code_are_batched_per_generate(
     assert not supports_continuous(remote)
 
 
+def test_the_cache_keyword_follows_the_forward_signature() -> None:
+    from gateway.worker.decoding import _cache_keyword
+
+    class Before524:  # transformers before 5.24 took the cache as `past_key_values`
+        def forward(self, input_ids: Any, past_key_values: Any, logits_to_keep: int) -> None: ...
+
+    class Current:
+        def forward(self, input_ids: Any, cache: Any, logits_to_keep: int) -> None: ...
+
+    class TooOld:  # no way to ask for the last position's logits only
+        def forward(self, input_ids: Any, past_key_values: Any) -> None: ...
+
+    assert _cache_keyword(Before524()) == "past_key_values"
+    assert _cache_keyword(Current()) == "cache"
+    assert _cache_keyword(TooOld()) is None
+
+
 def test_an_adapter_with_a_before_generate_hook_is_batched_per_generate(
     adapter: ChatTemplateAdapter,
 ) -> None:

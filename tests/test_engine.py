@@ -289,6 +289,34 @@ def test_a_row_joins_a_running_batch_and_leaves_it_when_done(adapter: ChatTempla
         runner.engine.stop()
 
 
+def test_staggered_rows_through_a_full_batch_each_get_their_alone_text(
+    adapter: ChatTemplateAdapter,
+) -> None:
+    import random
+
+    rng = random.Random(7)
+    # The first four, long and sent at once, fill the batch; the rest come and go.
+    limits = [20] * 4 + [rng.randint(1, 24) for _ in range(6)]
+    jobs = [(PROMPTS[i % len(PROMPTS)] * (1 + i % 3), n) for i, n in enumerate(limits)]
+    runner = Run(adapter, max_batch_size=3)  # a full batch: later rows wait for room
+    try:
+        alone = [runner.run(runner.row(p, max_new_tokens=n))[0].text for p, n in jobs]
+        runner.batches.clear()
+        rows = []
+        for prompt, limit in jobs:
+            rows.append(runner.row(prompt, max_new_tokens=limit))
+            runner.engine.submit(rows[-1][0])
+            if len(rows) >= 4:
+                time.sleep(rng.uniform(0, 0.02))
+        assert all(done.wait(60) for _, _, done in rows)
+        texts = [events[-1].text for _, events, _ in rows]  # type: ignore[union-attr]
+        assert texts == alone
+        sizes = [b.size for b in runner.batches]
+        assert max(sizes) == 3  # rows shared steps, and never more than the batch allows
+    finally:
+        runner.engine.stop()
+
+
 def test_cache_padding_is_trimmed_when_the_longest_row_leaves(
     adapter: ChatTemplateAdapter,
 ) -> None:

@@ -1,9 +1,10 @@
-"""Per-row sampling and stopping hooked into `model.generate`.
+"""Per-row sampling and stopping, for `model.generate` and the continuous decoding loop.
 
 `generate` applies one sampling configuration to a whole batch; rows of a dynamic batch
 each bring their own. `RowSampler` (a logits processor) therefore makes each row's choice
 itself, with the row's own temperature, top-k, top-p, repetition penalty and seeded
-generator, and leaves only the chosen token finite, so generate's greedy argmax takes it.
+generator, and leaves only the chosen token finite, so generate's greedy argmax takes it
+(the continuous loop in `decoding.py` calls it the same way, then takes the argmax).
 `RowStopper` (a stopping criterion, called once per step with the ids so far) feeds each
 row its new token and reports per row whether it is finished, so a row that hits EOS, a
 stop string, its own token limit or a client disconnect stops without ending the batch.

@@ -262,6 +262,7 @@ def test_out_of_memory_in_a_decoding_step_fails_its_rows_and_the_engine_goes_on(
             assert row[2].wait(30)
             failure = row[1][-1]
             assert isinstance(failure, Failed) and failure.error.status == 503
+            assert sum(not isinstance(event, Delta) for event in row[1]) == 1  # one ending
         assert runner.run(runner.row("hello", max_new_tokens=2))[0].completion_tokens == 2
     finally:
         runner.engine.stop()

@@ -63,9 +63,12 @@ def _cache_keyword(model: Any) -> str | None:
 class RunningBatch:
     """Rows being decoded together, with their shared cache (see the module docstring)."""
 
-    def __init__(self, rows: list[Row], cache: Any, mask: torch.Tensor, device: Any) -> None:
+    def __init__(
+        self, rows: list[Row], cache: Any, cache_keyword: str, mask: torch.Tensor, device: Any
+    ) -> None:
         self.rows = rows
         self.cache = cache
+        self.cache_keyword = cache_keyword  # what `forward` calls the cache
         self.mask = mask  # [rows, width]: 1 where a row has a real token in the cache
         self.device = device
         self.next_tokens = torch.zeros(len(rows), 1, dtype=torch.long, device=device)
@@ -78,9 +81,11 @@ class RunningBatch:
         """Run the rows' prompts (left-padded together) and give each its first token."""
         from transformers.cache_utils import DynamicCache
 
+        keyword = _cache_keyword(model)
+        assert keyword is not None, "supports_continuous(model) was checked first"
         ids, mask = left_pad([row.prompt_ids for row in rows], pad)
         ids, mask = ids.to(device), mask.to(device)
-        batch = cls(rows, DynamicCache(), mask, device)
+        batch = cls(rows, DynamicCache(), keyword, mask, device)
         batch._forward(model, ids)
         return batch
 
@@ -92,8 +97,6 @@ class RunningBatch:
     def _forward(self, model: Any, ids: torch.Tensor) -> None:
         # Positions count each row's real tokens, so padding never shifts them.
         positions = (self.mask.cumsum(dim=1) - 1).clamp(min=0)[:, -ids.shape[1] :]
-        cache_keyword = _cache_keyword(model)
-        assert cache_keyword is not None, "supports_continuous(model) was checked first"
         # The cache is updated in place, so the output's reference to it is not needed.
         output = model(
             input_ids=ids,
@@ -101,7 +104,7 @@ class RunningBatch:
             position_ids=positions,
             use_cache=True,
             logits_to_keep=1,
-            **{cache_keyword: self.cache},
+            **{self.cache_keyword: self.cache},
         )
         logits = output.logits[:, -1, :].float()
         chosen = RowSampler(self.rows)(ids, logits).argmax(dim=-1)

@@ -21,11 +21,14 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from adapters.base import Adapter, TransformersAdapter
 from gateway.errors import GatewayError, OutOfMemory
 from gateway.worker.rows import Row
+
+if TYPE_CHECKING:
+    from gateway.worker.decoding import RunningBatch
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +115,6 @@ class Engine:
                 self.busy_rows = 0
 
     def _run_continuous(self) -> None:
-        from gateway.worker.decoding import RunningBatch
-
         running: RunningBatch | None = None
         closing = False
         while True:
@@ -125,7 +126,9 @@ class Engine:
             try:
                 running = self._advance(running, arrived)
             except Exception as exc:  # one bad step fails its rows, not the worker
-                self._fail((running.rows if running else []) + arrived, exc)
+                held = running.rows if running else []  # arrivals already absorbed, or not
+                absorbed = {id(row) for row in held}
+                self._fail(held + [row for row in arrived if id(row) not in absorbed], exc)
                 running = None
             self.busy_rows = len(running) if running else 0
 
@@ -143,7 +146,7 @@ class Engine:
                 taken.append(row)
         return taken, closing
 
-    def _advance(self, running: Any, arrived: list[Row]) -> Any:
+    def _advance(self, running: RunningBatch | None, arrived: list[Row]) -> RunningBatch | None:
         """Admit the rows that arrived, then run one decoding step; returns the running
         batch, or None once it has no rows left."""
         import torch

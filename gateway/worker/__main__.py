@@ -15,10 +15,13 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.worker.control import Control, exit_with_gateway
 from gateway.worker.spec import SPEC_ENV, WorkerSpec
+
+if TYPE_CHECKING:
+    from gateway.worker.engine import Engine
 
 log = logging.getLogger("gateway.worker")
 
@@ -184,7 +187,7 @@ def _max_memory(raw: dict[str, int] | None) -> dict[int | str, int] | None:
     return {int(k) if k.isdigit() else k: v for k, v in raw.items()}
 
 
-def _runtime(adapter: Any, load_seconds: float, context: int, engine: Any) -> dict[str, Any]:
+def _runtime(adapter: Any, load_seconds: float, context: int, engine: Engine) -> dict[str, Any]:
     import torch
     import transformers
 

@@ -14,7 +14,7 @@ import pytest
 from adapters.base import LoadSpec
 from adapters.chat_template import ChatTemplateAdapter
 from gateway.errors import OutOfMemory
-from gateway.worker.decoding import RunningBatch, cancel_requested, supports_continuous
+from gateway.worker.decoding import RunningBatch, supports_continuous
 from gateway.worker.engine import BatchRecord, Engine
 from gateway.worker.rows import Delta, Event, Failed, Finished, Row, SamplingParams
 
@@ -332,7 +332,7 @@ def test_cache_padding_is_trimmed_when_the_longest_row_leaves(
         batch = RunningBatch.prefill(model, [short, long], adapter.pad_token_id(), "cpu")
         assert batch.mask.shape[1] == len(long.prompt_ids)
         long.cancelled.set()
-        cancel_requested(batch.rows)
+        assert long.finish_if_cancelled()
         batch.drop_finished()
         # One row left: no column of padding, the cache as wide as its own tokens.
         assert batch.rows == [short]

@@ -17,7 +17,6 @@ calls instead.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -163,10 +162,3 @@ def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
     if tensor.dim() == 2:
         return F.pad(tensor, (missing, 0))
     return F.pad(tensor, (0, 0, missing, 0))
-
-
-def cancel_requested(rows: Sequence[Row]) -> None:
-    """Finish rows whose client went away, before spending a step on them."""
-    for row in rows:
-        if row.cancelled.is_set():
-            row.finish("cancelled")

@@ -102,7 +102,7 @@ class Engine:
             self._run_continuous()
             return
         while (batch := self._gather()) is not None:
-            live = [row for row in batch if not self._drop_cancelled(row)]
+            live = [row for row in batch if not row.finish_if_cancelled()]
             if not live:
                 continue
             self.last_progress = time.monotonic()
@@ -151,11 +151,11 @@ class Engine:
         batch, or None once it has no rows left."""
         import torch
 
-        from gateway.worker.decoding import RunningBatch, cancel_requested
+        from gateway.worker.decoding import RunningBatch
 
         started = time.perf_counter()
         model = self.adapter.model
-        live = [row for row in arrived if not self._drop_cancelled(row)]
+        live = [row for row in arrived if not row.finish_if_cancelled()]
         involved = (running.rows if running else []) + live
         before = [len(row.output_ids) for row in involved]
         with torch.inference_mode():
@@ -169,7 +169,8 @@ class Engine:
                     running.absorb(joined)
             if running is None:
                 return None
-            cancel_requested(running.rows)
+            for row in running.rows:  # before spending a step on rows nobody waits for
+                row.finish_if_cancelled()
             running.drop_finished()
             if len(running):
                 running.step(model)
@@ -215,13 +216,6 @@ class Engine:
                 break
             batch.append(row)
         return batch
-
-    @staticmethod
-    def _drop_cancelled(row: Row) -> bool:
-        if row.cancelled.is_set():
-            row.finish("cancelled")
-            return True
-        return False
 
     def _generate(self, rows: list[Row]) -> None:
         import torch

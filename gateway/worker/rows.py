@@ -77,10 +77,7 @@ class Row:
 
     def push(self, token: int) -> None:
         """Take the token this row produced in the latest decoding step."""
-        if self.done:
-            return
-        if self.cancelled.is_set():
-            self.finish("cancelled")
+        if self.done or self.finish_if_cancelled():
             return
         if token in self.stop_ids:
             self.finish("stop")
@@ -94,6 +91,13 @@ class Row:
             self.finish("length")
         else:
             self._flush(self._safe_end())
+
+    def finish_if_cancelled(self) -> bool:
+        """End the row if its client went away; True if it is cancelled."""
+        if self.cancelled.is_set():
+            self.finish("cancelled")
+            return True
+        return False
 
     def finish(self, reason: str) -> None:
         if self.done:

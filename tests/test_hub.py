@@ -91,10 +91,10 @@ def test_the_seed_scripts_download_folder_is_found(tmp_path: Path) -> None:
 
 
 def test_default_caches_live_under_the_gateway_cache(tmp_path: Path) -> None:
-    hf_snapshot(tmp_path / "huggingface" / "hub", "org/a")
-    modelscope_snapshot(tmp_path / "modelscope", "org/b")
-    assert locate(ModelEntry(source="x", hub="huggingface"), "org/a", tmp_path)
-    assert locate(ModelEntry(source="x", hub="modelscope"), "org/b", tmp_path)
+    a = hf_snapshot(tmp_path / "huggingface" / "hub", "org/a")
+    b = modelscope_snapshot(tmp_path / "modelscope", "org/b")
+    assert locate(ModelEntry(source="x", hub="huggingface"), "org/a", tmp_path) == a
+    assert locate(ModelEntry(source="x", hub="modelscope"), "org/b", tmp_path) == b
     assert locate(ModelEntry(source="x", hub="modelscope"), "org/a", tmp_path) is None
 
 

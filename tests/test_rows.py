@@ -208,7 +208,7 @@ def test_streamed_deltas_always_equal_the_final_text(seed: int) -> None:
     assert out.streamed == done.text  # never more, never less than the reply
     assert all(done.text.startswith(s) for s in streamed_so_far)  # nothing taken back
     cuts = [i for s in stops if (i := full.find(s)) >= 0]
-    assert done.text == full[: min(cuts)] if cuts else full
+    assert done.text == (full[: min(cuts)] if cuts else full)
     assert done.reason == ("stop" if cuts else "length")
     assert not any(s in done.text for s in stops)
 

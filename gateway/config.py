@@ -53,14 +53,23 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+# The accepted range of each sampling setting, for requests and the registry alike (see
+# `SamplingFields` in protocol.py for what each means and why these bounds).
+Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
+TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+TopK = Annotated[int, Field(ge=0, le=1_000_000)]
+RepetitionPenalty = Annotated[float, Field(ge=0.01, le=10, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+
+
 class Generation(Strict):
     """Generation defaults; a request overrides them field by field."""
 
     max_new_tokens: int = Field(256, gt=0)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     stop: list[str] = []
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from gateway.config import Generation
+from gateway.config import Generation, RepetitionPenalty, Seed, Temperature, TopK, TopP
 
 # A per-request keep-alive: seconds to stay loaded after this request; 0 unloads at once,
 # -1 keeps the model loaded until evicted or unloaded by an admin.
@@ -46,13 +46,28 @@ class StreamOptions(Wire):
 
 
 class SamplingFields(Wire):
-    """Settings shared by every route; None means "use the model's default"."""
+    """Settings shared by every route; None means "use the model's default".
 
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    Accepted ranges (a value outside one is a 400 naming the field; NaN and infinities
+    never pass):
+
+    - `temperature` in [0, 2], as the OpenAI API; below 1e-5 it is greedy.
+    - `top_p` in (0, 1], as vLLM; 1 is off, and the most likely token always stays.
+    - `top_k` in [0, 1,000,000]; 0 is off, and a value beyond the vocabulary is off too.
+    - `repetition_penalty` in [0.01, 10]; 1 is off. vLLM takes any value above 0, but a
+      seen token's logit is divided (or multiplied) by it, so a vanishing penalty only
+      overflows those logits to infinity: it can do nothing but repeat the prompt.
+    - `seed` in [0, 2**63 - 1], what a torch generator takes.
+
+    Whatever passes, or a model's own defaults bring, the worker's sampler copes with per
+    row: a row whose logits leave no token to choose fails alone (`sampling.py`).
+    """
+
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: TopK | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     keep_alive: KeepAlive | None = None

@@ -4,6 +4,7 @@ registry: its bounds pass, the first value past them (and NaN, infinities) is re
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import pydantic
@@ -40,7 +41,12 @@ def completion(**fields: Any) -> Any:
     return CompletionRequest(model="m", prompt="x", **fields)
 
 
-BUILDERS = {"seed": seed, "chat": chat, "completion": completion, "registry": Generation}
+BUILDERS: dict[str, Callable[..., Any]] = {
+    "seed": seed,
+    "chat": chat,
+    "completion": completion,
+    "registry": Generation,
+}
 
 
 def cases(ranges: dict[str, list[Any]]) -> list[tuple[str, str, Any]]:

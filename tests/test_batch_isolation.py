@@ -214,6 +214,17 @@ def test_a_vanishing_repetition_penalty_does_not_fail_its_batch(
     assert isinstance(bad, Finished)  # the penalty is absurd, not fatal
 
 
+def test_a_row_whose_detokenizer_raises_fails_alone(runner: Runner, alone: list[str]) -> None:
+    def broken(ids: Any) -> str:
+        raise ValueError("no such token")
+
+    row, events, ended = runner.row("hello")
+    bad = (Row(row.prompt_ids, row.params, row.stop_ids, broken, row.emit), events, ended)
+    *normal, failed = runner.run(*(runner.row(p) for p in NORMAL), bad)
+    assert [getattr(end, "text", end) for end in normal] == alone
+    assert isinstance(failed, Failed) and "detokenizing failed" in failed.error.message
+
+
 extreme_floats = st.sampled_from([0.0, 1e-38, 1e-6, 0.01, 0.5, 1.0, 2.0, 1e6, 1e38, INF, NAN])
 extreme_settings = st.fixed_dictionaries(
     {

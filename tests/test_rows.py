@@ -273,3 +273,26 @@ def test_a_failed_row_reports_the_error_and_then_nothing() -> None:
 def test_greedy_means_temperature_zero() -> None:
     assert SamplingParams(max_new_tokens=1).greedy
     assert not SamplingParams(max_new_tokens=1, temperature=0.7).greedy
+
+
+@pytest.mark.parametrize("breaks_at", ["a token", "the final flush"])
+def test_a_row_whose_detokenizer_raises_fails_alone_without_raising(breaks_at: str) -> None:
+    broken = False
+
+    def flaky(ids: Sequence[int]) -> str:
+        if broken:
+            raise ValueError("no such token")
+        return decode(ids)
+
+    recorder = Recorder()
+    row = Row([1], SamplingParams(max_new_tokens=9), frozenset({EOS}), flaky, recorder)
+    feed(row, [1, 4])  # "he", then half a character, held back
+    broken = True
+    if breaks_at == "a token":
+        row.push(5)
+    row.finish("length")  # the held-back bytes need one last decode
+    row.push(2)
+    ends = [e for e in recorder.events if not isinstance(e, Delta)]
+    assert len(ends) == 1 and ends[0] is recorder.events[-1] and isinstance(ends[0], Failed)
+    assert ends[0].error.message == "detokenizing failed: ValueError: no such token"
+    assert row.finish_reason == "error" and recorder.deltas == ["he"]

@@ -9,12 +9,15 @@ they carry the same text.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.errors import GatewayError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,12 @@ class Row:
         """Take the token this row produced in the latest decoding step."""
         if self.done or self.finish_if_cancelled():
             return
+        try:
+            self._take(token)
+        except Exception as exc:  # this row's text failed: the batch it shares must not
+            self._fail_unexpectedly(exc)
+
+    def _take(self, token: int) -> None:
         if token in self.stop_ids:
             self.finish("stop")
             return
@@ -102,8 +111,12 @@ class Row:
     def finish(self, reason: str) -> None:
         if self.done:
             return
-        if not self._stop_hit and self._detokenize(final=True):
-            reason = "stop"  # the held-back text completed a stop string
+        try:
+            if not self._stop_hit and self._detokenize(final=True):
+                reason = "stop"  # the held-back text completed a stop string
+        except Exception as exc:
+            self._fail_unexpectedly(exc)
+            return
         self.finish_reason = reason
         self._flush(len(self.text))
         self.emit(Finished(reason, len(self.prompt_ids), len(self.output_ids), self.text))
@@ -112,6 +125,10 @@ class Row:
         if not self.done:
             self.finish_reason = "error"
             self.emit(Failed(error))
+
+    def _fail_unexpectedly(self, exc: Exception) -> None:
+        log.exception("a row failed while turning its tokens into text")
+        self.fail(GatewayError(f"detokenizing failed: {type(exc).__name__}: {exc}"[:500]))
 
     def _detokenize(self, final: bool = False) -> bool:
         """Extend `text` with what the new tokens spell; True if a stop string was hit."""

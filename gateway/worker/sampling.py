@@ -81,7 +81,8 @@ def _choose_or_fail(logits: torch.Tensor, row: Row) -> int:
         row.fail(exc)
     except Exception as exc:  # a sampler error is this row's, never the batch's
         log.exception("sampling failed for one row")
-        row.fail(NoTokenLeft(f"sampling failed for this request: {type(exc).__name__}: {exc}"))
+        message = f"sampling failed for this request: {type(exc).__name__}: {exc}"
+        row.fail(NoTokenLeft(message[:500]))
     return 0
 
 

@@ -10,6 +10,10 @@ more for up to `batch_wait_s` (none if rows were already waiting: they waited lo
 enough), up to `max_batch_size`. Either way each row reports its tokens as they come and
 ends on its own; a cancelled row stops within a step. Generation runs off the event loop,
 so the worker's HTTP side stays responsive while the model computes.
+
+A failure (out of memory, a model error) fails the rows it reached and no others: a failed
+prefill only the rows arriving, a failed step the running batch. Memory is emptied once
+the failed batch and the exception, with the frames holding its activations, are released.
 """
 
 from __future__ import annotations

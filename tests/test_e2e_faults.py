@@ -1,4 +1,5 @@
-"""Worker faults through the real gateway: out of memory, crashes, hangs, time-outs."""
+"""Worker faults through the real gateway: out of memory, crashes, hangs, time-outs, on both
+batching paths (remote code batches per `generate`; a native model batches continuously)."""
 
 from __future__ import annotations
 
@@ -233,3 +234,112 @@ def test_a_load_slower_than_load_timeout_answers_503_then_serves(
         assert reply.headers["Retry-After"]
         assert wait_until(lambda: gw.models()["m"]["state"] == "ready", timeout=30)
         assert gw.post("/m", {"prompt": "hi", "max_length": 2}).status_code == 200
+
+
+# -- the same faults on the continuous-batching path ----------------------------------------
+# The tiny Llama is transformers-native, so its worker batches continuously; the fault hook
+# (tests/fixtures/native_faults.py) reaches it through its entry's `env:`.
+
+
+def native_config(tiny_model: Path, faults: Faults, tmp_path: Path, model_extra: str = "") -> Path:
+    from tests.fixtures.native_faults import build_fault_hook
+
+    hook = build_fault_hook(tmp_path / "fault-hook")
+    return write_config(
+        tmp_path,
+        f"""
+        gateway:
+          probe_interval_s: 0.5
+          probe_failures: 2
+        models:
+          native:
+            source: {tiny_model}
+            env: {{LLMGW_TEST_FAULT_FILE: "{faults.path}", PYTHONPATH: "{hook}"}}
+            {model_extra}
+          healthy:
+            source: {tiny_model}
+        """,
+    )
+
+
+@pytest.fixture
+def native(tiny_model: Path, faults: Faults, tmp_path: Path) -> Iterator[Gateway]:
+    with Gateway(native_config(tiny_model, faults, tmp_path)) as gw:
+        assert ask(gw, "native").status_code == 200
+        assert gw.models()["native"]["runtime"]["batching"] == "continuous"
+        yield gw
+
+
+def test_out_of_memory_in_a_decoding_step_fails_that_request_and_the_continuous_worker_serves_on(
+    native: Gateway, faults: Faults
+) -> None:
+    [pid] = native.workers()
+    faults.set("oom_step")
+    reply = ask(native, "native")
+    assert reply.status_code == 503
+    assert reply.json()["error"]["code"] == "out_of_memory"
+    faults.clear()
+    assert ask(native, "native").status_code == 200
+    assert native.workers() == [pid]
+
+
+def test_out_of_memory_in_a_prefill_fails_the_arriving_request_not_the_running_stream(
+    native: Gateway, faults: Faults
+) -> None:
+    [pid] = native.workers()
+    faults.set("slow")  # the stream is still decoding when the other request arrives
+    body = {"prompt": "hello", "max_length": 200, "stream": True}
+    events: list[str] = []
+    arrived_at = 0
+    with native.client.stream("POST", "/native", json=body) as stream:
+        assert stream.status_code == 200
+        for line in stream.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+            if len(events) == 1 and not arrived_at:
+                faults.set("slow oom_prefill")
+                arrival = ask(native, "native")
+                faults.set("slow")
+                arrived_at = len(events)
+    assert arrival.status_code == 503
+    assert arrival.json()["error"]["code"] == "out_of_memory"
+    assert events[-1] == "[DONE]" and len(events) > arrived_at + 10  # it went on decoding
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert not any("error" in chunk for chunk in chunks)
+    final = chunks[-1]  # the seed route's whole reply
+    assert final["status"] == 200 and final["finish_reason"] == "length"
+    assert final["response"] == "".join(chunk.get("delta", "") for chunk in chunks[:-1])
+    assert native.workers() == [pid]
+
+
+def test_a_continuous_worker_killed_mid_request_answers_at_once_and_is_restarted(
+    native: Gateway, faults: Faults
+) -> None:
+    [first] = native.workers()
+    faults.set("crash")
+    started = time.monotonic()
+    reply = ask(native, "native")
+    assert time.monotonic() - started < 10  # an answer, not a hang
+    assert reply.status_code == 502
+    assert reply.json()["error"]["code"] == "worker_failed"
+    faults.clear()
+    assert ask(native, "native").status_code == 200
+    assert native.workers() != [first] and len(native.workers()) == 1
+    assert ask(native, "healthy").status_code == 200
+
+
+def test_a_stalled_continuous_generation_times_out_and_the_worker_is_replaced(
+    tiny_model: Path, faults: Faults, tmp_path: Path
+) -> None:
+    config = native_config(tiny_model, faults, tmp_path, "limits: {request_timeout_s: 2}")
+    with Gateway(config) as gw:
+        assert ask(gw, "native").status_code == 200
+        assert gw.models()["native"]["runtime"]["batching"] == "continuous"
+        [stuck] = gw.workers()
+        faults.set("hang")
+        reply = ask(gw, "native")
+        assert reply.status_code == 504
+        assert "request_timeout_s=2" in reply.json()["error"]["message"]
+        assert wait_until(lambda: stuck not in gw.workers(), timeout=20)
+        faults.clear()
+        assert ask(gw, "native").status_code == 200

@@ -234,10 +234,9 @@ def current_rss() -> int:
 
 
 def _failure_kind(exc: BaseException) -> str:
-    text = f"{type(exc).__name__} {exc}".lower()
-    if "outofmemory" in text or "out of memory" in text:
-        return "out_of_memory"
-    return "load_error"
+    from gateway.worker.faults import is_out_of_memory
+
+    return "out_of_memory" if is_out_of_memory(exc) else "load_error"
 
 
 if __name__ == "__main__":

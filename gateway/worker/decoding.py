@@ -69,7 +69,10 @@ class RunningBatch:
         self.cache = cache
         self.cache_keyword = cache_keyword  # what `forward` calls the cache
         self.mask = mask  # [rows, width]: 1 where a row has a real token in the cache
-        self.device = device
+        # The same as the mask's row sums, kept on the host: reading them from the mask
+        # would wait for the device at every step.
+        self.lengths = [len(row.prompt_ids) for row in rows]
+        self.device = device  # the input device: where the mask and the fed tokens live
         self.next_tokens = torch.zeros(len(rows), 1, dtype=torch.long, device=device)
 
     def __len__(self) -> int:
@@ -91,6 +94,7 @@ class RunningBatch:
     def step(self, model: Any) -> None:
         """One decoding step: every row feeds its latest token and gets the next."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+        self.lengths = [length + 1 for length in self.lengths]
         self._forward(model, self.next_tokens)
 
     def _forward(self, model: Any, ids: torch.Tensor) -> None:
@@ -107,7 +111,9 @@ class RunningBatch:
         )
         logits = output.logits[:, -1, :].float()
         chosen = RowSampler(self.rows)(ids, logits).argmax(dim=-1)
-        self.next_tokens = chosen[:, None]
+        # The logits come from the last layer's device, which a model split over GPUs
+        # does not share with the input.
+        self.next_tokens = chosen[:, None].to(self.device)
         for row, token in zip(self.rows, chosen.tolist(), strict=True):
             row.push(int(token))
 
@@ -116,14 +122,14 @@ class RunningBatch:
         keep = [index for index, row in enumerate(self.rows) if not row.done]
         if len(keep) < len(self.rows):
             self.rows = [self.rows[index] for index in keep]
+            self.lengths = [self.lengths[index] for index in keep]
             if not keep:
                 return
-            indices = torch.tensor(keep, device=self.device)
-            self.mask = self.mask[indices]
-            self.next_tokens = self.next_tokens[indices]
+            pick = _RowPicker(keep)
+            self.mask, self.next_tokens = pick(self.mask), pick(self.next_tokens)
             for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[indices], layer.values[indices]
-        unused = int(self.mask.any(dim=0).long().argmax())  # leading all-padding columns
+                layer.keys, layer.values = pick(layer.keys), pick(layer.values)
+        unused = self.mask.shape[1] - max(self.lengths)  # leading all-padding columns
         if unused:
             self.mask = self.mask[:, unused:]
             for layer in self.cache.layers:
@@ -131,9 +137,11 @@ class RunningBatch:
                 layer.values = layer.values[:, :, unused:]
 
     def absorb(self, other: RunningBatch) -> None:
-        """Take in another batch's rows: left-pad both caches to one width, then stack."""
+        """Take in another batch's rows: left-pad both caches to one width, then stack.
+        Each layer's cache stays on that layer's device (both batches ran the same model)."""
         width = max(self.mask.shape[1], other.mask.shape[1])
         self.rows = self.rows + other.rows
+        self.lengths = self.lengths + other.lengths
         self.mask = torch.cat([_pad_left(self.mask, width), _pad_left(other.mask, width)])
         self.next_tokens = torch.cat([self.next_tokens, other.next_tokens])
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
@@ -141,6 +149,21 @@ class RunningBatch:
             mine.values = torch.cat(
                 [_pad_left(mine.values, width), _pad_left(theirs.values, width)]
             )
+
+
+class _RowPicker:
+    """Selects rows of tensors that live on different devices: a model split over GPUs
+    keeps each layer's cache on its own, and an index must be on the indexed tensor's."""
+
+    def __init__(self, keep: list[int]) -> None:
+        self._on_host = torch.tensor(keep, dtype=torch.long)
+        self._by_device: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        device = tensor.device
+        if device not in self._by_device:
+            self._by_device[device] = self._on_host.to(device)
+        return tensor[self._by_device[device]]
 
 
 def left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

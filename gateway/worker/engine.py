@@ -10,6 +10,10 @@ more for up to `batch_wait_s` (none if rows were already waiting: they waited lo
 enough), up to `max_batch_size`. Either way each row reports its tokens as they come and
 ends on its own; a cancelled row stops within a step. Generation runs off the event loop,
 so the worker's HTTP side stays responsive while the model computes.
+
+A failure (out of memory, a model error) fails the rows it reached and no others: a failed
+prefill only the rows arriving, a failed step the running batch. Memory is emptied once
+the failed batch and the exception, with the frames holding its activations, are released.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import logging
 import queue
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from adapters.base import Adapter, TransformersAdapter
 from gateway.errors import GatewayError, OutOfMemory
+from gateway.worker.faults import is_out_of_memory
 from gateway.worker.rows import Row
 
 if TYPE_CHECKING:
@@ -61,6 +67,9 @@ class Engine:
         self._queue: queue.Queue[Row | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="generate", daemon=True)
         self._stopping = False
+        self._broken: GatewayError | None = None  # why the generation thread ended early
+        self._running: RunningBatch | None = None  # continuous batching: the rows decoding
+        self._taken: list[Row] = []  # rows off the queue and not yet done or in `_running`
         self.busy_rows = 0
         self.last_progress = time.monotonic()  # batch start or latest decoding step
 
@@ -70,6 +79,8 @@ class Engine:
         self._thread.start()
 
     def submit(self, row: Row) -> None:
+        if self._broken is not None:
+            raise GatewayError(self._broken.message)
         if self._stopping:
             raise GatewayError("the worker is shutting down")
         self._queue.put(row)
@@ -98,39 +109,50 @@ class Engine:
     # -- the generation thread -------------------------------------------------------------
 
     def _run(self) -> None:
-        if self.continuous:
-            self._run_continuous()
-            return
+        try:
+            if self.continuous:
+                self._run_continuous()
+            else:
+                self._run_per_generate()
+        except BaseException as exc:  # a bug here: say so, and leave nobody waiting
+            log.critical("the generation thread stopped: %s", _traceback_text(exc))
+            self._abandon(GatewayError(f"the generation thread stopped: {type(exc).__name__}"))
+
+    def _run_per_generate(self) -> None:
         while (batch := self._gather()) is not None:
             live = [row for row in batch if not row.finish_if_cancelled()]
             if not live:
                 continue
             self.last_progress = time.monotonic()
             self.busy_rows = len(live)
-            try:
-                self._generate(live)
-            except Exception as exc:  # one bad batch must not kill the worker
-                self._fail(live, exc)
-            finally:
-                self.busy_rows = 0
+            self._taken = live
+            self._generate_or_fail(live)
+            self._taken = []
+            self.busy_rows = 0
+
+    def _generate_or_fail(self, rows: list[Row]) -> None:
+        try:
+            self._generate(rows)
+            return
+        except Exception as exc:  # one bad batch must not kill the worker
+            failure = _describe(exc)
+        # Outside the handler: the exception, and the frames holding the batch's
+        # activations, are gone before memory is emptied.
+        self._fail(rows, failure)
 
     def _run_continuous(self) -> None:
-        running: RunningBatch | None = None
         closing = False
         while True:
-            if running is None:
+            if self._running is None:
                 if closing or (arrived := self._gather()) is None:
                     return
             else:
-                arrived, closing = self._take_waiting(self.max_batch_size - len(running), closing)
-            try:
-                running = self._advance(running, arrived)
-            except Exception as exc:  # one bad step fails its rows, not the worker
-                held = running.rows if running else []  # arrivals already absorbed, or not
-                absorbed = {id(row) for row in held}
-                self._fail(held + [row for row in arrived if id(row) not in absorbed], exc)
-                running = None
-            self.busy_rows = len(running) if running else 0
+                room = self.max_batch_size - len(self._running)
+                arrived, closing = self._take_waiting(room, closing)
+            self._taken = arrived
+            self._advance(arrived)
+            self._taken = []
+            self.busy_rows = len(self._running) if self._running else 0
 
     def _take_waiting(self, room: int, closing: bool) -> tuple[list[Row], bool]:
         """Rows that arrived during the last step, as many as the batch has room for."""
@@ -146,36 +168,15 @@ class Engine:
                 taken.append(row)
         return taken, closing
 
-    def _advance(self, running: RunningBatch | None, arrived: list[Row]) -> RunningBatch | None:
-        """Admit the rows that arrived, then run one decoding step; returns the running
-        batch, or None once it has no rows left."""
-        import torch
-
-        from gateway.worker.decoding import RunningBatch
-
+    def _advance(self, arrived: list[Row]) -> None:
+        """Admit the rows that arrived, then run one decoding step of the running batch."""
         started = time.perf_counter()
-        model = self.adapter.model
         live = [row for row in arrived if not row.finish_if_cancelled()]
-        involved = (running.rows if running else []) + live
+        involved = (self._running.rows if self._running else []) + live
         before = [len(row.output_ids) for row in involved]
-        with torch.inference_mode():
-            if live:
-                self.busy_rows = len(involved)
-                pad = self.adapter.pad_token_id()
-                joined = RunningBatch.prefill(model, live, pad, _input_device(model))
-                if running is None:
-                    running = joined
-                else:
-                    running.absorb(joined)
-            if running is None:
-                return None
-            for row in running.rows:  # before spending a step on rows nobody waits for
-                row.finish_if_cancelled()
-            running.drop_finished()
-            if len(running):
-                running.step(model)
-        self.last_progress = time.monotonic()
-        running.drop_finished()
+        if live:
+            self.busy_rows = len(involved)
+        self._decode(self._prefill(live))
         grown = [len(row.output_ids) - count for row, count in zip(involved, before, strict=True)]
         if self.on_batch is not None and any(grown):
             self.on_batch(
@@ -186,15 +187,90 @@ class Engine:
                     seconds=time.perf_counter() - started,
                 )
             )
-        return running if len(running) else None
 
-    def _fail(self, rows: list[Row], exc: Exception) -> None:
-        error = _as_gateway_error(exc)
-        if error.status >= 500:
-            log.exception("generation failed")
+    def _prefill(self, live: list[Row]) -> RunningBatch | None:
+        """The arrivals prefilled on their own. The running batch's cache is not touched
+        yet, so a failure here fails only the arrivals."""
+        if not live:
+            return None
+        import torch
+
+        from gateway.worker.decoding import RunningBatch
+
+        model = self.adapter.model
+        try:
+            with torch.inference_mode():
+                return RunningBatch.prefill(
+                    model, live, self.adapter.pad_token_id(), _input_device(model)
+                )
+        except Exception as exc:
+            failure = _describe(exc)
+        self._fail(live, failure)  # after the handler, so its frames are released
+        return None
+
+    def _decode(self, joined: RunningBatch | None) -> None:
+        """Splice the arrivals into the running batch and run one step; a failure here
+        touched the running cache, so it fails every row of the batch."""
+        held = (self._running.rows if self._running else []) + (joined.rows if joined else [])
+        try:
+            self._splice_and_step(joined)
+            return
+        except Exception as exc:  # one bad step fails its rows, not the worker
+            failure = _describe(exc)
+        # The failed batch's cache and the exception go before memory is emptied.
+        self._running = joined = None
+        self._fail(held, failure)
+
+    def _splice_and_step(self, joined: RunningBatch | None) -> None:
+        import torch
+
+        with torch.inference_mode():
+            if joined is not None:
+                if self._running is None:
+                    self._running = joined
+                else:
+                    self._running.absorb(joined)
+            running = self._running
+            if running is None:
+                return
+            for row in running.rows:  # before spending a step on rows nobody waits for
+                row.finish_if_cancelled()
+            running.drop_finished()
+            if len(running):
+                running.step(self.adapter.model)
+            self.last_progress = time.monotonic()
+            running.drop_finished()
+            if not len(running):
+                self._running = None
+
+    def _fail(self, rows: list[Row], error: GatewayError) -> None:
+        """Tell each row it failed, then return the memory the failure left; never raises,
+        since the generation thread must outlive any one failure."""
         for row in rows:
-            row.fail(error)
-        _free_memory()
+            try:
+                row.fail(error)
+            except Exception as exc:
+                log.error("a row could not be told that it failed: %s", _traceback_text(exc))
+        try:
+            _free_memory()
+        except Exception as exc:
+            log.error("freeing memory after a failure failed: %s", _traceback_text(exc))
+
+    def _abandon(self, error: GatewayError) -> None:
+        """The generation thread is ending on a bug: fail every row it holds or would take."""
+        self._stopping = True
+        self._broken = error
+        rows = (list(self._running.rows) if self._running else []) + self._taken
+        self._running, self._taken = None, []
+        while True:
+            try:
+                row = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if row is not None:
+                rows.append(row)
+        self._fail(rows, error)
+        self.busy_rows = 0
 
     def _gather(self) -> list[Row] | None:
         """Wait for a row, then take the rows already waiting (or wait `batch_wait_s` for
@@ -277,14 +353,32 @@ def _input_device(model: Any) -> Any:
     return embeddings.weight.device if embeddings is not None else model.device
 
 
-def _as_gateway_error(exc: Exception) -> GatewayError:
-    import torch
+def _describe(exc: Exception) -> GatewayError:
+    """The error a failed batch's rows get, logged if it is the server's fault; never
+    raises (its caller is a failure handler)."""
+    try:
+        error = _as_gateway_error(exc)
+        if error.status >= 500:
+            log.error("generation failed: %s", _traceback_text(exc))
+        return error
+    except Exception:
+        return GatewayError("generation failed")
 
+
+def _as_gateway_error(exc: Exception) -> GatewayError:
     if isinstance(exc, GatewayError):
+        # Rows keep the error: without its traceback, it keeps no frame of the failed step.
+        exc.__traceback__ = exc.__context__ = exc.__cause__ = None
         return exc
-    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+    if is_out_of_memory(exc):
         return OutOfMemory(f"out of memory while generating: {exc}".strip()[:500])
     return GatewayError(f"generation failed: {type(exc).__name__}: {exc}"[:500])
+
+
+def _traceback_text(exc: BaseException) -> str:
+    # Logged as text, not as exc_info: a log handler that keeps its records (a buffer, a
+    # test's capture) would otherwise keep the failed step's tensors alive.
+    return "".join(traceback.format_exception(exc)).rstrip()
 
 
 def _free_memory() -> None:

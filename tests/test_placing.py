@@ -5,12 +5,15 @@ DeepSeek-MoE-16B's real config and code, built on the meta device: no GPU, no we
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from adapters.base import LoadSpec
 from adapters.deepseek_moe import DeepSeekMoEAdapter
+from gateway.worker import placing
 from gateway.worker.__main__ import LoadFailure, _load_on_devices
 from gateway.worker.placing import PlacementError
 from gateway.worker.plan import plan
@@ -21,6 +24,19 @@ GIB = 2**30
 DEEPSEEK = ROOT / "configs" / "deepseek-moe-16b-chat"
 # Its config code, written for transformers 4.x, sets a key 5.x renamed.
 pytestmark = pytest.mark.filterwarnings("ignore:`rope_scaling` is deprecated:FutureWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_meta_build() -> Iterator[None]:
+    """Both sides build the same architecture; building it once keeps the tests quick."""
+    with pytest.MonkeyPatch.context() as patch:
+        build = functools.cache(placing.meta_model)
+
+        def cached(path: Any, trust: bool, revision: str | None = None) -> Any:
+            return build(str(path), trust, revision)
+
+        patch.setattr(placing, "meta_model", cached)
+        yield
 
 
 def loader_map(budget: dict[int | str, int]) -> Any:

@@ -136,7 +136,7 @@ class TransformersAdapter:
             "revision": self.spec.revision,
         }
         model_class = None
-        if on_gpu:
+        if on_gpu or self.spec.max_memory:  # placed under a budget, as `plan` places it
             from gateway.worker.placing import meta_model
 
             meta = meta_model(self.spec.path, self.spec.trust_remote_code, self.spec.revision)
@@ -161,7 +161,7 @@ class TransformersAdapter:
         budget = loader_budget(self.spec.max_memory, self.spec.gpus)
         placed = device_map(meta, budget, dtype)
         refuse_outside(placed, allowed_devices(budget, self.spec.gpus))
-        return placed
+        return {"": "cpu"} if set(placed.values()) == {"cpu"} else placed
 
     def after_load(self) -> None:
         if self.tokenizer.pad_token_id is None:

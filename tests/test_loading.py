@@ -116,3 +116,17 @@ def test_models_show_the_attention_dtype_and_gpu_numbering_the_worker_runs_with(
     assert runtime["device_order"] == "PCI_BUS_ID"
     monkeypatch.delenv("CUDA_DEVICE_ORDER")
     assert _runtime(adapter, 0.1, 1024, engine)["device_order"] == "FASTEST_FIRST"
+
+
+def test_a_cpu_model_larger_than_its_cpu_budget_is_refused_as_plan_says(
+    tiny_model: Path,
+) -> None:
+    from gateway.worker.placing import PlacementError
+    from gateway.worker.plan import plan
+
+    request = {"config": str(tiny_model), "dtype": "float32"}
+    assert plan({**request, "budget": {"cpu": 10_000}})["device_map"] != {"": "cpu"}
+    with pytest.raises(PlacementError, match="land on disk"):
+        loader_kwargs(tiny_model, dtype="float32", max_memory={"cpu": 10_000})
+    roomy = loader_kwargs(tiny_model, dtype="float32", max_memory={"cpu": 2**30})
+    assert roomy["device_map"] == {"": "cpu"}

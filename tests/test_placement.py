@@ -148,3 +148,17 @@ def test_layer_runs_are_summarized() -> None:
     modules = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(3)), "lm_head"]
     assert summarize(modules) == "model.embed_tokens, model.layers.0-2, lm_head"
     assert summarize(["a.1", "a.3", "a.4"]) == "a.1, a.3-4"
+
+
+def test_check_names_the_yaml_path_of_a_budget_that_leaves_a_gpu_out(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        "models:\n  m:\n    source: ./m\n    devices: [0, 1]\n    max_memory: {0: 22GiB}\n",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(config)],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "models.m.max_memory" in result.stdout + result.stderr
+    assert "no budget for GPU 1" in result.stdout + result.stderr

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
+from adapters.loading import attention, torch_dtype
+
 log = logging.getLogger(__name__)
 
 Message = Mapping[str, str]  # {"role": ..., "content": ...}
@@ -27,7 +29,9 @@ class LoadSpec:
     path: Path
     dtype: str = "auto"  # float32 | bfloat16 | float16 | auto
     gpus: int = 0  # GPUs visible to this worker (already narrowed by CUDA_VISIBLE_DEVICES)
+    # Keyed by local GPU ordinal, and "cpu" when the entry allows CPU offload.
     max_memory: dict[int | str, int] | None = None
+    attention: str = "auto"  # auto | flash_attention_2 | sdpa | eager
     trust_remote_code: bool = False
     revision: str | None = None
     context_length: int | None = None  # registry clamp; None = the model's own
@@ -86,14 +90,6 @@ def transformers_major() -> int:
     return int(transformers.__version__.split(".")[0])
 
 
-def torch_dtype(name: str, on_gpu: bool) -> Any:
-    import torch
-
-    if name == "auto":
-        return torch.bfloat16 if on_gpu else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 class TransformersAdapter:
     """A causal LM loaded with the Auto classes. Subclasses override prompt rendering."""
 
@@ -132,20 +128,40 @@ class TransformersAdapter:
 
     def model_kwargs(self) -> dict[str, Any]:
         on_gpu = self.spec.gpus > 0
+        dtype = torch_dtype(self.spec.dtype, on_gpu)
         dtype_key = "dtype" if transformers_major() >= 5 else "torch_dtype"
         kwargs: dict[str, Any] = {
-            dtype_key: torch_dtype(self.spec.dtype, on_gpu),
+            dtype_key: dtype,
             "trust_remote_code": self.spec.trust_remote_code,
             "revision": self.spec.revision,
         }
-        if on_gpu:
-            # One GPU without a budget: all of it there. Otherwise accelerate spreads whole
-            # decoder layers over the visible GPUs (and CPU, if max_memory names it).
-            spread = self.spec.gpus > 1 or bool(self.spec.max_memory)
-            kwargs["device_map"] = "auto" if spread else {"": 0}
-            if self.spec.max_memory:
-                kwargs["max_memory"] = self.spec.max_memory
+        model_class = None
+        if on_gpu or self.spec.max_memory:  # placed under a budget, as `plan` places it
+            from gateway.worker.placing import meta_model
+
+            meta = meta_model(self.spec.path, self.spec.trust_remote_code, self.spec.revision)
+            model_class = type(meta)
+            kwargs["device_map"] = self.placement(meta, dtype)
+        implementation = attention(self.spec.attention, model_class, dtype, on_gpu)
+        if implementation:
+            kwargs["attn_implementation"] = implementation
         return kwargs
+
+    def placement(self, meta: Any, dtype: Any) -> dict[str, int | str]:
+        """The placement `llm-gateway plan` shows (gateway/worker/placing.py), or refusal."""
+        from gateway.worker.placing import (
+            allowed_devices,
+            device_map,
+            loader_budget,
+            refuse_outside,
+        )
+
+        if self.spec.gpus == 1 and not self.spec.max_memory:
+            return {"": 0}  # one GPU without a budget: all of it there
+        budget = loader_budget(self.spec.max_memory, self.spec.gpus)
+        placed = device_map(meta, budget, dtype)
+        refuse_outside(placed, allowed_devices(budget, self.spec.gpus))
+        return {"": "cpu"} if set(placed.values()) == {"cpu"} else placed
 
     def after_load(self) -> None:
         if self.tokenizer.pad_token_id is None:

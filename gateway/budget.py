@@ -3,8 +3,9 @@
 Budgets are per device (`"cpu"`, `"0"`, `"1"`, ...) in `gateway.memory_budget`; a device
 without a budget is not limited. A model's footprint is estimated before it loads (the
 registry's `memory_bytes`, else its weight files scaled to the dtype it loads in) and
-replaced by what the worker measured once it is ready (GPU: allocated bytes per device;
-CPU: parameter and buffer bytes, not the Python runtime around them).
+replaced by what the worker measured once it is ready (GPU, per device: the allocator's
+reserve, the CUDA context and the KV cache at the configured batch and context, never
+below the estimate; CPU: parameter and buffer bytes, not the Python runtime around them).
 """
 
 from __future__ import annotations
@@ -50,11 +51,38 @@ def measured(entry: ModelEntry, memory: Mapping[str, Any] | None) -> Footprint |
     if entry.devices == "cpu":
         weights = memory.get("weights_bytes")
         return {"cpu": int(weights)} if isinstance(weights, int) else None
-    gpu = memory.get("gpu_bytes")
-    if not isinstance(gpu, dict):
+    allocated = memory.get("gpu_bytes")
+    if not isinstance(allocated, dict):
         return None
     physical = [str(d) for d in entry.devices]  # the worker numbers its GPUs from 0
-    return {physical[int(i)]: int(b) for i, b in gpu.items() if int(i) < len(physical)}
+    held = {
+        physical[int(i)]: _gpu_held(memory, str(i))
+        for i in allocated
+        if str(i).isdigit() and int(i) < len(physical)
+    }
+    return _at_least_estimated(entry, held)
+
+
+def _gpu_held(memory: Mapping[str, Any], gpu: str) -> int:
+    """What a GPU model can come to hold on one GPU: its allocator's reserve (at least
+    what is allocated), the CUDA context, and the KV cache of a full batch; and never
+    less than the estimate's headroom over the weights placed there."""
+
+    def part(key: str) -> int:
+        value = (memory.get(key) or {}).get(gpu, 0)
+        return int(value) if isinstance(value, int) else 0
+
+    reserve = max(part("gpu_bytes"), part("gpu_reserved_bytes"))
+    held = reserve + part("gpu_context_bytes") + part("gpu_kv_cache_bytes")
+    return max(held, int(part("gpu_weights_bytes") * RUNTIME_HEADROOM))
+
+
+def _at_least_estimated(entry: ModelEntry, held: Footprint) -> Footprint:
+    """A registry's `memory_bytes` is a floor: scale the measured shape up to it."""
+    total = sum(held.values())
+    if not entry.memory_bytes or total >= entry.memory_bytes or total == 0:
+        return held
+    return {d: -(-b * entry.memory_bytes // total) for d, b in held.items()}
 
 
 def _from_weight_files(entry: ModelEntry, path: Path | None) -> int:

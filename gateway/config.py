@@ -10,7 +10,15 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # Names a model may not take: they are routes of the gateway itself.
 RESERVED_NAMES = frozenset(
@@ -117,6 +125,32 @@ class Upstream(Strict):
 
 Hub = Literal["local", "modelscope", "huggingface"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
+# `auto`: flash_attention_2 where flash-attn is installed and the GPU, dtype and model
+# support it, else sdpa where the model supports it, else the model's own default.
+Attention = Literal["auto", "flash_attention_2", "sdpa", "eager"]
+
+
+def max_memory_problem(max_memory: dict[str, int], devices: object) -> str | None:
+    """Why a `max_memory` cannot place a model on `devices`, or None when it can.
+
+    A budget names every GPU of the entry (a model is placed without asking the GPUs how
+    big they are, so `plan` and the loader agree) and nothing else but `cpu`, which
+    allows CPU offload. Disk offload is never allowed: a model read from disk per token
+    is too slow to serve.
+    """
+    gpus = [str(d) for d in devices] if isinstance(devices, list) else []
+    if "disk" in max_memory:
+        return "disk offload is not supported; name `cpu` to allow CPU offload"
+    foreign = [k for k in max_memory if k != "cpu" and k not in gpus]
+    if foreign:
+        return f"device {foreign[0]!r} is not in `devices` ({devices})"
+    missing = [g for g in gpus if g not in max_memory]
+    if missing:
+        return (
+            f"no budget for GPU {missing[0]}: give one for every GPU in `devices`, "
+            "or leave `max_memory` out to use each GPU's free memory"
+        )
+    return None
 
 
 class ModelEntry(Strict):
@@ -131,6 +165,7 @@ class ModelEntry(Strict):
     dtype: DType = "auto"
     devices: Literal["cpu"] | list[Annotated[int, Field(ge=0)]] = "cpu"
     max_memory: dict[DeviceKey, ByteSize] | None = None
+    attention: Attention = "auto"
     trust_remote_code: bool = False
     python_env: PythonEnv | None = None
     env: dict[str, str] = {}
@@ -142,6 +177,17 @@ class ModelEntry(Strict):
     pinned: bool = False
     memory_bytes: ByteSize | None = None
     planning_config: str | None = None
+
+    @field_validator("max_memory")
+    @classmethod
+    def _budget_fits_devices(
+        cls, value: dict[str, int] | None, info: ValidationInfo
+    ) -> dict[str, int] | None:
+        if value is not None and "devices" in info.data:  # a bad `devices` reports itself
+            problem = max_memory_problem(value, info.data["devices"])
+            if problem:
+                raise ValueError(problem)
+        return value
 
     @model_validator(mode="after")
     def _source_or_upstream(self) -> ModelEntry:

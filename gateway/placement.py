@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import hub
-from gateway.config import ModelEntry
+from gateway.config import ModelEntry, max_memory_problem
 from gateway.envs import EnvironmentMissing, python_for
 from gateway.launcher import _package_shim
 
@@ -46,17 +46,22 @@ def planning_source(name: str, entry: ModelEntry, cache: Path) -> Path:
 
 
 def budget_for(name: str, entry: ModelEntry) -> dict[str, int]:
-    """Budgets keyed as the worker sees its devices: local GPU ordinals, "cpu", "disk"."""
+    """Budgets keyed as the worker sees its devices: local GPU ordinals and "cpu".
+
+    The same rules as the registry's (`max_memory_problem`), so that a budget `check`
+    accepts is one the plan and the loader both place the same way.
+    """
     limits = {str(k): v for k, v in (entry.max_memory or {}).items()}
-    budget: dict[str, int] = {k: limits[k] for k in ("cpu", "disk") if k in limits}
-    if entry.devices == "cpu":
-        return budget
-    for ordinal, physical in enumerate(entry.devices):
-        if str(physical) not in limits:
-            raise PlanError(
-                f"model {name!r}: `max_memory` gives no budget for GPU {physical}; planning "
-                "without a GPU needs one per device, e.g. `max_memory: {0: 22GiB, 1: 22GiB}`"
-            )
+    if entry.devices != "cpu" and not limits:
+        raise PlanError(
+            f"model {name!r}: `max_memory` gives no budget for its GPUs; planning without "
+            "a GPU needs one per device, e.g. `max_memory: {0: 22GiB, 1: 22GiB}`"
+        )
+    problem = max_memory_problem(limits, entry.devices)
+    if problem:
+        raise PlanError(f"model {name!r}: `max_memory`: {problem}")
+    budget: dict[str, int] = {"cpu": limits["cpu"]} if "cpu" in limits else {}
+    for ordinal, physical in enumerate(entry.devices if entry.devices != "cpu" else []):
         budget[str(ordinal)] = limits[str(physical)]
     return budget
 
@@ -146,7 +151,8 @@ def render(plan: dict[str, Any]) -> str:
         lines.append(
             f"does not fit: {_gib(plan['shortfall_bytes'])} short "
             f"({summarize(plan['unplaced'])} left over, placed in whole decoder layers); "
-            "raise max_memory, add devices, or allow CPU offload with max_memory.cpu"
+            "raise max_memory, add devices, or allow CPU offload with max_memory.cpu; "
+            "the worker refuses to load a model that does not fit"
         )
     return "\n".join(lines)
 

@@ -80,3 +80,23 @@ def test_measured_memory_maps_worker_gpu_ordinals_back_to_physical_indices() -> 
     cpu = ModelEntry(source="x")
     assert measured(cpu, {"weights_bytes": 1234, "rss_bytes": 10**9}) == {"cpu": 1234}
     assert measured(cpu, None) is None
+
+
+def test_a_gpu_footprint_counts_the_reserve_context_and_kv_cache_not_just_allocated() -> None:
+    entry = ModelEntry(source="x", devices=[0, 1])
+    report = {
+        "gpu_bytes": {"0": 10 * GiB, "1": 5 * GiB},
+        "gpu_reserved_bytes": {"0": 11 * GiB, "1": 5 * GiB},
+        "gpu_context_bytes": {"0": GiB // 2, "1": GiB // 2},
+        "gpu_kv_cache_bytes": {"0": 4 * GiB, "1": 3 * GiB},
+        "gpu_weights_bytes": {"0": 10 * GiB, "1": 5 * GiB},
+    }
+    assert measured(entry, report) == {"0": 31 * GiB // 2, "1": 17 * GiB // 2}
+
+
+def test_a_measured_gpu_footprint_never_drops_below_the_estimate() -> None:
+    report = {"gpu_bytes": {"0": 10 * GiB}, "gpu_weights_bytes": {"0": 10 * GiB}}
+    assert measured(ModelEntry(source="x", devices=[0]), report) == {"0": 11 * GiB}  # +10%
+    stated = ModelEntry(source="x", devices=[0, 1], memory_bytes="40GiB")
+    two = {"gpu_bytes": {"0": 15 * GiB, "1": 5 * GiB}}
+    assert measured(stated, two) == {"0": 30 * GiB, "1": 10 * GiB}  # scaled to memory_bytes

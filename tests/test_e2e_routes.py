@@ -118,6 +118,21 @@ def test_models_lists_every_entry_with_its_state(gateway: Gateway) -> None:
     assert models["tiny"]["state"] == "ready"
     assert models["tiny"]["runtime"]["transformers"].startswith("5.")
     assert models["tiny"]["runtime"]["batching"] == "continuous"
+    runtime = models["tiny"]["runtime"]
+    assert (runtime["attention"], runtime["dtype"]) == ("sdpa", "float32")
+    assert runtime["device_order"] in ("PCI_BUS_ID", "FASTEST_FIRST")
+
+
+def test_models_report_the_kv_cache_a_full_batch_can_take(
+    gateway: Gateway, tiny_model: Path
+) -> None:
+    gateway.post("/tiny", {"prompt": "x", "max_length": 1})
+    tiny = gateway.models()["tiny"]
+    config = json.loads((tiny_model / "config.json").read_text())
+    per_token = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * 4
+    per_token *= config["hidden_size"] // config["num_attention_heads"]  # float32 K and V
+    rows = tiny["runtime"]["max_batch_size"] * tiny["runtime"]["context_length"]
+    assert tiny["memory"]["measured"]["kv_cache_bytes"] == per_token * rows
 
 
 def test_both_batching_modes_reply_with_the_same_greedy_text(gateway: Gateway) -> None:

@@ -12,6 +12,7 @@ import pytest
 
 from gateway.config import ModelEntry
 from gateway.placement import PlanError, budget_for, planning_source, render, summarize
+from gateway.registry import ConfigError, parse_registry
 from tests.support import ROOT, write_config
 
 GIB = 2**30
@@ -102,12 +103,39 @@ def test_a_downloaded_model_on_the_cpu_plans_from_its_snapshot(
     assert answer["devices"] == {"cpu": answer["total_bytes"]}
 
 
-def test_planning_needs_a_budget_for_every_gpu() -> None:
-    entry = ModelEntry(source="x", devices=[0, 1], max_memory={"0": 22 * GIB})
-    with pytest.raises(PlanError, match="no budget for GPU 1"):
-        budget_for("m", entry)
+def test_planning_keys_budgets_as_the_worker_sees_its_gpus() -> None:
     spread = ModelEntry(source="x", devices=[4, 6], max_memory={"4": 1, "6": 2, "cpu": 3})
-    assert budget_for("m", spread) == {"0": 1, "1": 2, "cpu": 3}  # as the worker sees them
+    assert budget_for("m", spread) == {"0": 1, "1": 2, "cpu": 3}
+    with pytest.raises(PlanError, match="no budget for its GPUs"):
+        budget_for("m", ModelEntry(source="x", devices=[0, 1]))
+
+
+@pytest.mark.parametrize(
+    ("devices", "max_memory", "message"),
+    [
+        ("[0, 1]", "{0: 22GiB}", "no budget for GPU 1"),
+        ("[0]", "{cpu: 64GiB}", "no budget for GPU 0"),
+        ("[0]", "{0: 22GiB, disk: 100GiB}", "disk offload is not supported"),
+        ("[0]", "{0: 22GiB, 1: 22GiB}", "device '1' is not in `devices`"),
+        ("cpu", "{0: 22GiB}", "device '0' is not in `devices`"),
+    ],
+)
+def test_a_budget_the_planner_cannot_place_is_a_config_error_at_its_yaml_path(
+    devices: str, max_memory: str, message: str
+) -> None:
+    text = f"models:\n  m:\n    source: ./m\n    devices: {devices}\n    max_memory: {max_memory}\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_registry(text)
+    [issue] = caught.value.issues
+    assert issue.path == "models.m.max_memory"
+    assert message in issue.message
+    assert issue.line == 5
+
+
+def test_a_budget_for_every_gpu_and_the_cpu_is_accepted() -> None:
+    text = "models:\n  m:\n    source: ./m\n    devices: [2, 3]\n"
+    registry = parse_registry(text + "    max_memory: {2: 1GiB, 3: 1GiB, cpu: 8GiB}\n")
+    assert registry.models["m"].max_memory == {"2": GIB, "3": GIB, "cpu": 8 * GIB}
 
 
 def test_nothing_to_plan_from_says_how_to_get_it(tmp_path: Path) -> None:
@@ -120,3 +148,17 @@ def test_layer_runs_are_summarized() -> None:
     modules = ["model.embed_tokens", *(f"model.layers.{i}" for i in range(3)), "lm_head"]
     assert summarize(modules) == "model.embed_tokens, model.layers.0-2, lm_head"
     assert summarize(["a.1", "a.3", "a.4"]) == "a.1, a.3-4"
+
+
+def test_check_names_the_yaml_path_of_a_budget_that_leaves_a_gpu_out(tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        "models:\n  m:\n    source: ./m\n    devices: [0, 1]\n    max_memory: {0: 22GiB}\n",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check", "--config", str(config)],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "models.m.max_memory" in result.stdout + result.stderr
+    assert "no budget for GPU 1" in result.stdout + result.stderr

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from gateway.worker.spec import SPEC_ENV, WorkerSpec
 
 if TYPE_CHECKING:
     from gateway.worker.engine import Engine
+    from gateway.worker.memory import Baseline
 
 log = logging.getLogger("gateway.worker")
 
@@ -72,6 +72,7 @@ def load(spec: WorkerSpec, control: Control) -> Any:
         dtype=entry.dtype,
         gpus=spec.gpus,
         max_memory=_max_memory(spec.max_memory),
+        attention=entry.attention,
         trust_remote_code=entry.trust_remote_code,
         revision=entry.revision if entry.hub == "huggingface" else None,
         context_length=entry.limits.context_length,
@@ -79,10 +80,26 @@ def load(spec: WorkerSpec, control: Control) -> Any:
     adapter = adapter_class(entry.adapter)(load_spec)
     for key, value in adapter.environment().items():
         os.environ.setdefault(key, value)
-    _check_devices(spec)
+    start = _check_devices(spec)
     control.progress("load", f"loading {path} with adapter {entry.adapter}")
-    adapter.load()
-    return _build_state(spec, adapter, time.perf_counter() - started)
+    _load_on_devices(spec, adapter)
+    return _build_state(spec, adapter, start, time.perf_counter() - started)
+
+
+def _load_on_devices(spec: WorkerSpec, adapter: Any) -> None:
+    """Load, and refuse a model placed (or landed) anywhere but the entry's devices."""
+    from gateway.worker.placing import PlacementError, allowed_devices, refuse_outside
+
+    try:
+        adapter.load()
+        placed = getattr(adapter.model, "hf_device_map", None)
+        device = getattr(adapter.model, "device", "cpu")
+        allowed = allowed_devices(spec.max_memory or {}, spec.gpus)
+        refuse_outside(placed or {"": device}, allowed)
+    except PlacementError as exc:
+        raise LoadFailure(
+            "does_not_fit", f"model {spec.name!r} does not fit devices {spec.entry.devices}: {exc}"
+        ) from exc
 
 
 def _pull(spec: WorkerSpec, control: Control) -> Path:
@@ -108,8 +125,9 @@ def _pull(spec: WorkerSpec, control: Control) -> Path:
         raise LoadFailure("download_failed", f"model {spec.name!r}: {exc}") from exc
 
 
-def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
+def _build_state(spec: WorkerSpec, adapter: Any, start: Baseline, load_seconds: float) -> Any:
     from gateway.worker.engine import Engine
+    from gateway.worker.memory import memory_report
     from gateway.worker.server import WorkerState
     from gateway.worker.stats import WorkerStats
 
@@ -131,7 +149,10 @@ def _build_state(spec: WorkerSpec, adapter: Any, load_seconds: float) -> Any:
         defaults=adapter.sampling_defaults(),
         stop_ids=frozenset(adapter.stop_token_ids()),
         context_length=context,
-        info=lambda: {**runtime, "memory": memory_report(adapter.model)},
+        info=lambda: {
+            **runtime,
+            "memory": memory_report(adapter.model, start, engine.max_batch_size, context),
+        },
         stall_timeout_s=spec.entry.limits.request_timeout_s,
         default_max_tokens=spec.entry.generation.max_new_tokens,
         stats=stats,
@@ -162,9 +183,12 @@ async def serve(spec: WorkerSpec, state: Any, control: Control) -> None:
     state.engine.stop()
 
 
-def _check_devices(spec: WorkerSpec) -> None:
+def _check_devices(spec: WorkerSpec) -> Baseline:
+    """Fail early without the GPUs the entry names; else what they hold before the load."""
+    from gateway.worker.memory import baseline
+
     if spec.gpus == 0:
-        return
+        return baseline(0)
     import torch
 
     if not torch.cuda.is_available():
@@ -179,6 +203,7 @@ def _check_devices(spec: WorkerSpec) -> None:
             f"model {spec.name!r} needs GPUs {spec.entry.devices}; "
             f"only {torch.cuda.device_count()} are visible",
         )
+    return baseline(spec.gpus)
 
 
 def _max_memory(raw: dict[str, int] | None) -> dict[int | str, int] | None:
@@ -199,38 +224,18 @@ def _runtime(adapter: Any, load_seconds: float, context: int, engine: Engine) ->
         "transformers": transformers.__version__,
         "adapter": adapter.name,
         "dtype": str(getattr(model, "dtype", "")).removeprefix("torch."),
+        "attention": getattr(model.config, "_attn_implementation", None),
         "device": str(getattr(model, "device", "cpu")),
         "device_map": getattr(model, "hf_device_map", None),
+        # GPU numbering of `devices`: PCI_BUS_ID matches nvidia-smi; CUDA's own default
+        # (FASTEST_FIRST) may not on a machine with mixed GPUs.
+        "device_order": os.environ.get("CUDA_DEVICE_ORDER", "FASTEST_FIRST"),
         "context_length": context,
         "max_batch_size": engine.max_batch_size,
         "batching": engine.mode,
         "load_seconds": round(load_seconds, 3),
         "pid": os.getpid(),
     }
-
-
-def memory_report(model: Any) -> dict[str, Any]:
-    import torch
-
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    report: dict[str, Any] = {
-        "weights_bytes": weights,
-        "rss_bytes": current_rss(),
-    }
-    if torch.cuda.is_available():
-        report["gpu_bytes"] = {
-            str(i): torch.cuda.memory_allocated(i) for i in range(torch.cuda.device_count())
-        }
-    return report
-
-
-def current_rss() -> int:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * resource.getpagesize()
-    except OSError:  # not Linux: the peak is the best we have
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _failure_kind(exc: BaseException) -> str:

@@ -3,14 +3,14 @@
     python -m gateway.worker.plan < request.json > plan.json
 
 The model's architecture is built from its config on the meta device (no memory, no
-download; remote code through `auto_map` when the request trusts it), then accelerate
-places whole decoder layers over the budgets exactly as `from_pretrained(device_map="auto",
-max_memory=...)` would. Runs in a subprocess (`gateway.placement` starts it): the gateway
-side never imports torch.
+download; remote code through `auto_map` when the request trusts it), then
+`gateway.worker.placing` places whole decoder layers over the budgets: the same map the
+worker passes to `from_pretrained`. Runs in a subprocess (`gateway.placement` starts it):
+the gateway side never imports torch.
 
 Request: {"config": dir, "dtype": "bfloat16", "budget": {"0": bytes, "cpu": bytes},
-"trust_remote_code": bool}; budget keys are the worker's local GPU ordinals, "cpu" or
-"disk"; an empty budget means everything on the CPU.
+"trust_remote_code": bool}; budget keys are the worker's local GPU ordinals or "cpu"; an
+empty budget means everything on the CPU.
 """
 
 from __future__ import annotations
@@ -23,32 +23,20 @@ from typing import Any
 
 
 def plan(request: dict[str, Any]) -> dict[str, Any]:
-    from accelerate import infer_auto_device_map, init_empty_weights
     from accelerate.utils import compute_module_sizes
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from adapters.base import torch_dtype
+    from adapters.loading import torch_dtype
+    from gateway.worker.placing import budget_of, device_map, meta_model
 
-    trust = bool(request.get("trust_remote_code"))
-    config = AutoConfig.from_pretrained(request["config"], trust_remote_code=trust)
-    with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
-    budget = {_key(k): int(v) for k, v in request.get("budget", {}).items()}
+    model = meta_model(request["config"], bool(request.get("trust_remote_code")))
+    budget = budget_of(request.get("budget"))
     dtype = torch_dtype(
         request.get("dtype", "auto"), on_gpu=any(isinstance(k, int) for k in budget)
     )
     sizes = compute_module_sizes(model, dtype=dtype)
-    if budget:
-        device_map = infer_auto_device_map(
-            model,
-            max_memory=budget,
-            no_split_module_classes=list(getattr(model, "_no_split_modules", None) or []),
-            dtype=dtype,
-        )
-    else:
-        device_map = {"": "cpu"}
+    placed_map = device_map(model, budget, dtype)
     placed: dict[str, int] = {}
-    for module, device in device_map.items():
+    for module, device in placed_map.items():
         placed[str(device)] = placed.get(str(device), 0) + int(sizes[module])
     return {
         "architecture": type(model).__name__,
@@ -56,17 +44,9 @@ def plan(request: dict[str, Any]) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."),
         "total_bytes": int(sizes[""]),
         "placed": placed,
-        "device_map": {module: _name(device) for module, device in device_map.items()},
-        "sizes": {module: int(sizes[module]) for module in device_map},
+        "device_map": placed_map,
+        "sizes": {module: int(sizes[module]) for module in placed_map},
     }
-
-
-def _key(key: str) -> int | str:
-    return int(key) if key.isdigit() else key
-
-
-def _name(device: Any) -> int | str:
-    return device if isinstance(device, int) else str(device)
 
 
 def main() -> int:

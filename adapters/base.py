@@ -157,11 +157,19 @@ class TransformersAdapter:
         raise NotImplementedError
 
     def completion_prompt(self, text: str) -> Prompt:
-        return Prompt(self.encode(text, add_special_tokens=True), text)
+        # A raw completion prompt is wholly the caller's own text, with no turn of anyone
+        # else's to protect: special tokens it spells are special, so that a client can
+        # write the model's format itself (as vLLM and the OpenAI API take raw prompts).
+        return Prompt(self.encode(text, add_special_tokens=True, literal=False), text)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool = False, literal: bool | None = None
+    ) -> list[int]:
+        """Token ids of `text`; `literal` (default: the adapter's `literal_text`) keeps text
+        that spells a special token as text."""
+        split = self.literal_text if literal is None else literal
         ids = self.tokenizer(
-            text, add_special_tokens=add_special_tokens, split_special_tokens=self.literal_text
+            text, add_special_tokens=add_special_tokens, split_special_tokens=split
         )["input_ids"]
         return list(ids)
 

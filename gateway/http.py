@@ -63,9 +63,9 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def validation_error(request: Request, exc: RequestValidationError) -> GatewayError:
     errors: list[Any] = list(exc.errors())
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    first = _first_error(errors)
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not isinstance(p, int)]
-    loc = [p for p in loc if not _is_union_tag(p)]
+    loc = [_printable(p) for p in loc if not _is_union_tag(p)]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
@@ -83,6 +83,21 @@ def validation_error(request: Request, exc: RequestValidationError) -> GatewayEr
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return BadRequest(f"{param or 'body'}: {message}{more}", param=param, code="invalid_value")
+
+
+def _first_error(errors: list[Any]) -> dict[str, Any]:
+    """The error to report: the first field's, and of a union's members the one that got
+    deepest (a list of text parts with one bad part, not "Input should be a valid string")."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request", "type": ""}
+    field = tuple(errors[0].get("loc", ()))[:2]
+    same = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+    return dict(max(same, key=lambda e: len(e.get("loc", ()))))
+
+
+def _printable(part: str) -> str:
+    # An unknown key may hold a lone surrogate, which the JSON reply could not encode.
+    return part.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _is_union_tag(part: str) -> bool:

@@ -11,12 +11,13 @@ from fastapi.responses import JSONResponse
 def health_router(is_ready: Callable[[], bool]) -> APIRouter:
     router = APIRouter(tags=["health"])
 
-    @router.get("/health")
+    # HEAD as well: load balancers probe with it.
+    @router.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, str]:
         """The process is alive and its event loop answers."""
         return {"status": "ok"}
 
-    @router.get("/ready")
+    @router.api_route("/ready", methods=["GET", "HEAD"])
     async def ready() -> JSONResponse:
         """The gateway takes traffic (503 while starting or shutting down)."""
         ok = is_ready()

@@ -65,7 +65,7 @@ def validation_error(request: Request, exc: RequestValidationError) -> GatewayEr
     errors: list[Any] = list(exc.errors())
     first = _first_error(errors)
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not isinstance(p, int)]
-    loc = [_printable(p) for p in loc if not _is_union_tag(p)]
+    loc = [p for p in loc if not _is_union_tag(p)]
     param = ".".join(loc) or None
     kind = first.get("type", "")
     if kind == "json_invalid":
@@ -87,17 +87,13 @@ def validation_error(request: Request, exc: RequestValidationError) -> GatewayEr
 
 def _first_error(errors: list[Any]) -> dict[str, Any]:
     """The error to report: the first field's, and of a union's members the one that got
-    deepest (a list of text parts with one bad part, not "Input should be a valid string")."""
+    deepest (a list of text parts with one bad part, not "Input should be a valid string");
+    a member that only lacks an item got nowhere."""
     if not errors:
         return {"loc": (), "msg": "invalid request", "type": ""}
     field = tuple(errors[0].get("loc", ()))[:2]
     same = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
-    return dict(max(same, key=lambda e: len(e.get("loc", ()))))
-
-
-def _printable(part: str) -> str:
-    # An unknown key may hold a lone surrogate, which the JSON reply could not encode.
-    return part.encode("utf-8", "backslashreplace").decode("utf-8")
+    return dict(max(same, key=lambda e: (e.get("type") != "missing", len(e.get("loc", ())))))
 
 
 def _is_union_tag(part: str) -> bool:

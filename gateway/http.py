@@ -92,8 +92,8 @@ def _first_error(errors: list[Any]) -> dict[str, Any]:
     if not errors:
         return {"loc": (), "msg": "invalid request", "type": ""}
     field = tuple(errors[0].get("loc", ()))[:2]
-    same = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
-    return dict(max(same, key=lambda e: (e.get("type") != "missing", len(e.get("loc", ())))))
+    same: list[dict[str, Any]] = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+    return max(same, key=lambda e: (e.get("type") != "missing", len(e.get("loc", ()))))
 
 
 def _is_union_tag(part: str) -> bool:

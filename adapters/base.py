@@ -57,6 +57,10 @@ class Adapter(Protocol):
       `env` already sets them.
     - `load()` is called once, before anything else, in the worker's main thread.
     - `chat_prompt()`/`completion_prompt()` are pure and thread-safe.
+    - `chat_prompt()` keeps message content literal: text that spells a special token is
+      tokenized as text, so no message can end its turn or forge another; only the format's
+      own markup yields special tokens. `completion_prompt()` takes the caller's raw text,
+      special tokens and all.
     - `before_generate()` runs in the generation thread right before every `generate` call.
       Continuous batching (see `gateway/worker/decoding.py`) makes no such call, so an
       adapter that overrides the hook batches whole `generate` calls instead.

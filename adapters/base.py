@@ -61,6 +61,10 @@ class Adapter(Protocol):
       `env` already sets them.
     - `load()` is called once, before anything else, in the worker's main thread.
     - `chat_prompt()`/`completion_prompt()` are pure and thread-safe.
+    - `chat_prompt()` keeps message content literal: text that spells a special token is
+      tokenized as text, so no message can end its turn or forge another; only the format's
+      own markup yields special tokens. `completion_prompt()` takes the caller's raw text,
+      special tokens and all.
     - `before_generate()` runs in the generation thread right before every `generate` call.
       Continuous batching (see `gateway/worker/decoding.py`) makes no such call, so an
       adapter that overrides the hook batches whole `generate` calls instead.
@@ -173,11 +177,19 @@ class TransformersAdapter:
         raise NotImplementedError
 
     def completion_prompt(self, text: str) -> Prompt:
-        return Prompt(self.encode(text, add_special_tokens=True), text)
+        # A raw completion prompt is wholly the caller's own text, with no turn of anyone
+        # else's to protect: special tokens it spells are special, so that a client can
+        # write the model's format itself (as vLLM and the OpenAI API take raw prompts).
+        return Prompt(self.encode(text, add_special_tokens=True, literal=False), text)
 
-    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+    def encode(
+        self, text: str, add_special_tokens: bool = False, literal: bool | None = None
+    ) -> list[int]:
+        """Token ids of `text`; `literal` (default: the adapter's `literal_text`) keeps text
+        that spells a special token as text."""
+        split = self.literal_text if literal is None else literal
         ids = self.tokenizer(
-            text, add_special_tokens=add_special_tokens, split_special_tokens=self.literal_text
+            text, add_special_tokens=add_special_tokens, split_special_tokens=split
         )["input_ids"]
         return list(ids)
 

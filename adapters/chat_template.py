@@ -1,15 +1,29 @@
-"""Any model whose tokenizer ships a chat template (most modern instruct models)."""
+"""Any model whose tokenizer ships a chat template (most modern instruct models).
+
+Message content is text, never markup: content that spells one of the tokenizer's special
+tokens (`<|end|>`, `<|system|>`) is tokenized as the characters it is, while the template's
+own markup keeps its special tokens. Such content is rendered around: the template is
+rendered with a placeholder for each message's content, its markup split at its special
+tokens (placed by id), and the text between them, content included, tokenized with special
+tokens split. Content that spells no special token takes the plain path (render, then
+tokenize), which is what the model was trained on, token for token.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from adapters.base import Message, Prompt, TransformersAdapter
+
+# Private-use characters: no template writes them, so they mark where each content goes.
+_SLOT = re.compile("\ue000([0-9]+)\ue001")
 
 
 class ChatTemplateAdapter(TransformersAdapter):
     name: ClassVar[str] = "chat_template"
+    _specials: re.Pattern[str] | None = None
 
     def chat_prompt(self, messages: Sequence[Message]) -> Prompt:
         if not getattr(self.tokenizer, "chat_template", None):
@@ -17,9 +31,56 @@ class ChatTemplateAdapter(TransformersAdapter):
                 "this model's tokenizer has no chat template; use /v1/completions, "
                 "or pick the adapter of its model family in models.yaml"
             )
-        # Render to text, then tokenize without special tokens: templates already carry BOS,
-        # and tokenizing rendered text with special tokens would double it.
+        specials = self.special_tokens()
+        if not any(specials.search(m["content"]) for m in messages):
+            text = self.render(messages)
+            # Templates already carry BOS; tokenizing with special tokens added would double it.
+            return Prompt(self.encode(text, add_special_tokens=False), text)
+        return self.literal_prompt(messages)
+
+    def render(self, messages: Sequence[Message]) -> str:
         text = self.tokenizer.apply_chat_template(
             [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
         )
-        return Prompt(self.encode(str(text), add_special_tokens=False), str(text))
+        return str(text)
+
+    def literal_prompt(self, messages: Sequence[Message]) -> Prompt:
+        """The prompt with every message's content tokenized as literal text."""
+        slots = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+        pieces = _SLOT.split(self.render(slots))
+        if len(pieces) // 2 < sum(1 for m in messages if m["content"]):
+            raise ValueError(
+                "this model's chat template rewrites message content, so content that "
+                "spells a special token cannot be kept as text; remove the special token"
+            )
+        ids: list[int] = []
+        text, pending = "", ""
+        for index, piece in enumerate(pieces):
+            if index % 2:  # a slot: the content, all text
+                content = messages[int(piece)]["content"]
+                pending += content
+                text += content
+                continue
+            text += piece
+            for place, part in enumerate(self.special_tokens().split(piece)):
+                if place % 2:  # the template's own special token, placed by id
+                    ids += [*self.encode(pending, literal=True), self.token_id(part)]
+                    pending = ""
+                else:
+                    pending += part
+        ids += self.encode(pending, literal=True)
+        return Prompt(ids, text)
+
+    def special_tokens(self) -> re.Pattern[str]:
+        """A pattern matching any special token of the tokenizer (longest first), captured."""
+        if self._specials is None:
+            tokens = {str(t) for t in self.tokenizer.all_special_tokens}
+            decoder: dict[int, Any] = getattr(self.tokenizer, "added_tokens_decoder", {})
+            tokens |= {str(t.content) for t in decoder.values() if getattr(t, "special", False)}
+            ordered = sorted((t for t in tokens if t), key=len, reverse=True)
+            alternatives = "|".join(map(re.escape, ordered)) or "(?!)"  # none: never matches
+            self._specials = re.compile(f"({alternatives})")
+        return self._specials
+
+    def token_id(self, token: str) -> int:
+        return int(self.tokenizer.convert_tokens_to_ids(token))

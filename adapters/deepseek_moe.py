@@ -41,7 +41,8 @@ class DeepSeekMoEAdapter(TransformersAdapter):
         return Prompt(ids, "<bos>" + text + pending)
 
     def completion_prompt(self, text: str) -> Prompt:
-        return Prompt([self.bos_id(), *self.encode(text)], text)
+        # The caller's own raw text: special tokens it spells stay special (see the base).
+        return Prompt([self.bos_id(), *self.encode(text, literal=False)], text)
 
     def bos_id(self) -> int:
         return int(self.tokenizer.bos_token_id)

@@ -98,6 +98,9 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
         version="0.1.0",
         summary="One server for many self-hosted LLMs.",
         lifespan=lifespan,
+        # Starlette would redirect "/demo/" to "/demo" on the request's own Host header,
+        # a host the client chooses; a path with a trailing slash is a 404 instead.
+        redirect_slashes=False,
     )
     app.state.supervisor = supervisor
     app.state.registry = loaded

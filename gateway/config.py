@@ -88,6 +88,9 @@ class Limits(Strict):
     max_queue: int = Field(256, ge=0)
     queue_timeout_s: float = Field(60.0, gt=0)
     request_timeout_s: float = Field(600.0, gt=0)
+    # Messages in one request (the seed route counts system, each history turn, the prompt):
+    # the work a request costs before the model sees it grows with this count.
+    max_messages: int = Field(1024, gt=0)
 
 
 class Batching(Strict):

@@ -63,7 +63,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def validation_error(request: Request, exc: RequestValidationError) -> GatewayError:
     errors: list[Any] = list(exc.errors())
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    first = _first_error(errors)
     loc = [str(p) for p in first.get("loc", ()) if p != "body" and not isinstance(p, int)]
     loc = [p for p in loc if not _is_union_tag(p)]
     param = ".".join(loc) or None
@@ -83,6 +83,17 @@ def validation_error(request: Request, exc: RequestValidationError) -> GatewayEr
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return BadRequest(f"{param or 'body'}: {message}{more}", param=param, code="invalid_value")
+
+
+def _first_error(errors: list[Any]) -> dict[str, Any]:
+    """The error to report: the first field's, and of a union's members the one that got
+    deepest (a list of text parts with one bad part, not "Input should be a valid string");
+    a member that only lacks an item got nowhere."""
+    if not errors:
+        return {"loc": (), "msg": "invalid request", "type": ""}
+    field = tuple(errors[0].get("loc", ()))[:2]
+    same: list[dict[str, Any]] = [e for e in errors if tuple(e.get("loc", ()))[:2] == field]
+    return max(same, key=lambda e: (e.get("type") != "missing", len(e.get("loc", ()))))
 
 
 def _is_union_tag(part: str) -> bool:

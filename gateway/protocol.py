@@ -11,29 +11,66 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from gateway.config import Generation, RepetitionPenalty, Seed, Temperature, TopK, TopP
+
+
+def _valid_unicode(value: str) -> str:
+    # JSON can escape a lone UTF-16 surrogate ("\ud800"). Such a string has no UTF-8 form:
+    # it can reach neither a worker nor a tokenizer, so it is refused with the field's name.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"text must be valid Unicode: a lone surrogate at character {exc.start}"
+        ) from None
+    return value
+
+
+UNICODE_TEXT = AfterValidator(_valid_unicode)
+# Every string a client sends is a WireStr (tests/test_wire_fields.py walks every route).
+WireStr = Annotated[str, UNICODE_TEXT]
+
+
+def _not_a_bool(value: object) -> object:
+    # `Literal[1]` compares equal to True; booleans are not numbers.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+def _a_bool(value: object) -> object:
+    # `Literal[False]` compares equal to 0; numbers are not booleans.
+    if not isinstance(value, bool):
+        raise ValueError("expected a boolean")
+    return value
+
 
 # A per-request keep-alive: seconds to stay loaded after this request; 0 unloads at once,
 # -1 keeps the model loaded until evicted or unloaded by an admin.
 KeepAlive = Annotated[float, Field(ge=-1)]
 MaxTokens = Annotated[int, Field(gt=0)]
+OnlyZero = Annotated[float, Field(ge=0, le=0)]  # an OpenAI penalty this gateway does not apply
+OnlyOne = Annotated[Literal[1], BeforeValidator(_not_a_bool)]
+OnlyFalse = Annotated[Literal[False], BeforeValidator(_a_bool)]
 
 
 class Wire(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: a boolean is not an integer, and "10" is not a number. JSON integers are
+    # still accepted for float fields (strict mode allows int -> float).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class TextPart(Wire):
     type: Literal["text"]
-    text: str
+    text: WireStr
 
 
 class ChatMessage(Wire):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: WireStr | list[TextPart]
+    name: WireStr | None = None
 
     def text(self) -> str:
         if isinstance(self.content, str):
@@ -68,7 +105,7 @@ class SamplingFields(Wire):
     top_k: TopK | None = None
     repetition_penalty: RepetitionPenalty | None = None
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: WireStr | list[WireStr] | None = None
     stream: bool = False
     keep_alive: KeepAlive | None = None
 
@@ -85,13 +122,13 @@ class SamplingFields(Wire):
 
 
 class _OpenAIFields(SamplingFields):
-    model: str = Field(..., min_length=1)
-    n: Literal[1] = 1
-    user: str | None = None
+    model: WireStr = Field(..., min_length=1)
+    n: OnlyOne = 1
+    user: WireStr | None = None
     stream_options: StreamOptions | None = None
-    presence_penalty: Literal[0] | None = None
-    frequency_penalty: Literal[0] | None = None
-    logprobs: Literal[False] | None = None
+    presence_penalty: OnlyZero | None = None
+    frequency_penalty: OnlyZero | None = None
+    logprobs: OnlyFalse | None = None
 
 
 class ChatCompletionRequest(_OpenAIFields):
@@ -111,9 +148,14 @@ class ChatCompletionRequest(_OpenAIFields):
 
 
 class CompletionRequest(_OpenAIFields):
-    prompt: str = Field(..., min_length=1)
+    prompt: WireStr = Field(..., min_length=1)
     max_tokens: MaxTokens | None = None
-    echo: Literal[False] = False
+    echo: OnlyFalse = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        return _not_blank(value)
 
     def requested_tokens(self) -> int | None:
         return self.max_tokens
@@ -121,23 +163,31 @@ class CompletionRequest(_OpenAIFields):
 
 class HistoryTurn(Wire):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: WireStr
+
+
+# [[user, assistant], ...] as chatglm-style clients send; JSON has no tuples, so a list is
+# accepted here despite strict mode.
+HistoryPair = Annotated[tuple[WireStr, WireStr], Field(strict=False)]
 
 
 class SeedRequest(SamplingFields):
     """The seed scripts' body: `max_length` is the number of new tokens."""
 
-    prompt: str = Field(..., min_length=1)
+    prompt: WireStr = Field(..., min_length=1)
     max_length: MaxTokens | None = None
-    history: list[HistoryTurn | tuple[str, str]] = []
-    system: str | None = None
+    history: list[HistoryTurn | HistoryPair] = []
+    system: WireStr | None = None
 
     @field_validator("prompt")
     @classmethod
     def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("prompt must not be blank")
-        return value
+        return _not_blank(value)
+
+    def message_count(self) -> int:
+        """How many chat messages `to_messages` makes, counted without making them."""
+        turns = sum(2 if isinstance(turn, tuple) else 1 for turn in self.history)
+        return turns + 1 + (1 if self.system else 0)
 
     def to_messages(self) -> list[ChatMessage]:
         messages = [ChatMessage(role="system", content=self.system)] if self.system else []
@@ -149,6 +199,12 @@ class SeedRequest(SamplingFields):
                 messages.append(ChatMessage(role=turn.role, content=turn.content))
         messages.append(ChatMessage(role="user", content=self.prompt))
         return messages
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("prompt must not be blank")
+    return value
 
 
 class SeedReply(BaseModel):

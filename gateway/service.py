@@ -68,6 +68,7 @@ class Inference:
         entry = self.supervisor.get(body.model).entry
         label_model(request, body.model)
         self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
+        self._check_messages(body.model, len(body.messages), "messages")
         resolved = resolve_chat(body, entry.generation, entry.system_prompt, entry.is_remote)
         return await self._openai(request, resolved, CHAT_PATH)
 
@@ -106,6 +107,7 @@ class Inference:
         entry = self.supervisor.get(name).entry
         label_model(request, name)
         self._check_tokens(name, body.max_length, "max_length")
+        self._check_messages(name, body.message_count(), "history")
         chat = resolve_chat(
             seed_to_chat(body, name), entry.generation, entry.system_prompt, entry.is_remote
         )
@@ -134,6 +136,18 @@ class Inference:
                 f"{param} is {requested}, above the limit of {limit} new tokens for model {name!r}",
                 param=param,
                 code="max_tokens_exceeded",
+            )
+
+    def _check_messages(self, name: str, count: int, param: str) -> None:
+        # Before any conversion: building and sending a request costs time on the event
+        # loop in proportion to its messages, and every model's requests share that loop.
+        limit = self.supervisor.get(name).entry.limits.max_messages
+        if count > limit:
+            raise BadRequest(
+                f"the request holds {count} messages, above the limit of {limit} "
+                f"(limits.max_messages) for model {name!r}",
+                param=param,
+                code="too_many_messages",
             )
 
     def _payload(

@@ -16,6 +16,7 @@ from tests.support import Gateway, write_config
 
 MAX_BODY = 65536
 CONTEXT = 64
+MAX_MESSAGES = 9
 USER = [{"role": "user", "content": "hi"}]
 LONG_PROMPT = "hello " * 80  # about 88 tokens: more than the whole context
 TYPES = {
@@ -40,7 +41,7 @@ def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
           tiny:
             source: {tiny_model}
             generation: {{max_new_tokens: 8}}
-            limits: {{max_new_tokens: 32, context_length: {CONTEXT}}}
+            limits: {{max_new_tokens: 32, context_length: {CONTEXT}, max_messages: {MAX_MESSAGES}}}
           broken:
             source: {tiny_model.parent / "missing"}
         """,
@@ -113,6 +114,8 @@ CASES: list[Any] = [
                  id="seed-no-prompt"),
     pytest.param("POST", "/v1/completions", {"json": {"model": "tiny", "prompt": ""}}, 400,
                  "prompt", "invalid_value", id="completion-empty-prompt"),
+    pytest.param("POST", "/v1/completions", {"json": {"model": "tiny", "prompt": " \n"}}, 400,
+                 "prompt", "invalid_value", id="completion-blank-prompt"),
     pytest.param("POST", "/v1/chat/completions", {"json": chat_body(messages=[])}, 400,
                  "messages", "invalid_value", id="chat-empty-messages"),
     pytest.param("POST", "/v1/chat/completions",
@@ -141,6 +144,29 @@ CASES: list[Any] = [
     pytest.param("POST", "/v1/completions",
                  {"json": {"model": "tiny", "prompt": "x", "max_tokens": 10**6}}, 400,
                  "max_tokens", "max_tokens_exceeded", id="completion-max-tokens-above-limit"),
+    # booleans are not numbers
+    pytest.param("POST", "/tiny", {"json": {"prompt": "hi", "max_length": True}}, 400,
+                 "max_length", "invalid_value", id="seed-max-length-true"),
+    pytest.param("POST", "/v1/chat/completions", {"json": chat_body(max_tokens=True)}, 400,
+                 "max_tokens", "invalid_value", id="chat-max-tokens-true"),
+    pytest.param("POST", "/v1/completions",
+                 {"json": {"model": "tiny", "prompt": "x", "temperature": False}}, 400,
+                 "temperature", "invalid_value", id="completion-temperature-false"),
+    # messages per request
+    pytest.param("POST", "/tiny", {"json": {"prompt": "hi", "history": [["u", "a"]] * 5}}, 400,
+                 "history", "too_many_messages", id="seed-too-many-messages"),
+    pytest.param("POST", "/tiny",
+                 {"json": {"prompt": "hi", "system": "s", "history": [["u", "a"]] * 4}}, 400,
+                 "history", "too_many_messages", id="seed-system-counts"),
+    pytest.param("POST", "/v1/chat/completions",
+                 {"json": chat_body(messages=USER * (MAX_MESSAGES + 1))}, 400, "messages",
+                 "too_many_messages", id="chat-too-many-messages"),
+    # trailing slashes are not redirected (to a Host the client chose) but not found
+    pytest.param("POST", "/tiny/", {"json": {"prompt": "hi"}, "headers": {"Host": "evil.test"}},
+                 404, None, None, id="seed-trailing-slash"),
+    pytest.param("GET", "/health/", {"headers": {"Host": "evil.test"}}, 404, None, None,
+                 id="health-trailing-slash"),
+    pytest.param("GET", "/v1/models/", {}, 404, None, None, id="models-trailing-slash"),
     # unknown models
     pytest.param("POST", "/nope", {"json": {"prompt": "hi"}}, 404, "model", "model_not_found",
                  id="seed-unknown-model"),
@@ -193,6 +219,86 @@ def test_a_client_mistake_gets_its_status_and_the_error_envelope(
 ) -> None:
     error = check_envelope(gateway.client.request(method, path, **kwargs), status)
     assert (error["param"], error["code"]) == (param, code)
+
+
+def test_a_request_at_the_message_limit_is_served(gateway: Gateway) -> None:
+    body = {"prompt": "hi", "history": [["u", "a"]] * 4, "max_length": 1}  # 9 messages
+    assert gateway.post("/tiny", body).status_code == 200
+    error = check_envelope(gateway.post("/tiny", {**body, "system": "s"}), 400)
+    assert "10 messages, above the limit of 9 (limits.max_messages)" in error["message"]
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready"])
+def test_load_balancers_may_probe_with_head(gateway: Gateway, path: str) -> None:
+    reply = gateway.client.head(path)
+    assert reply.status_code == 200
+    assert reply.content == b""
+
+
+def test_a_trailing_slash_never_redirects_to_the_host_the_client_names(gateway: Gateway) -> None:
+    for method, path in [("POST", "/tiny/"), ("GET", "/health/"), ("GET", "/ready/")]:
+        reply = gateway.client.request(method, path, headers={"Host": "evil.test"})
+        assert reply.status_code == 404 and "location" not in reply.headers
+
+
+BAD = "a\ud800b"  # a lone surrogate: valid JSON, no UTF-8 form
+SURROGATES: list[Any] = [
+    pytest.param("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": BAD}]),
+                 "messages.content", id="chat-content"),
+    pytest.param("/v1/chat/completions",
+                 chat_body(messages=[{"role": "user", "content": [{"type": "text", "text": BAD}]}]),
+                 "messages.content.text", id="chat-content-part"),
+    pytest.param("/v1/chat/completions",
+                 chat_body(messages=[{"role": "system", "content": BAD}, *USER]),
+                 "messages.content", id="chat-system-message"),
+    pytest.param("/v1/chat/completions",
+                 chat_body(messages=[{"role": "user", "content": "hi", "name": BAD}]),
+                 "messages.name", id="chat-name"),
+    pytest.param("/v1/chat/completions", chat_body(stop=BAD), "stop", id="chat-stop"),
+    pytest.param("/v1/chat/completions", chat_body(stop=["x", BAD]), "stop", id="chat-stops"),
+    pytest.param("/v1/chat/completions", chat_body(user=BAD), "user", id="chat-user"),
+    pytest.param("/v1/chat/completions", chat_body(model=BAD), "model", id="chat-model"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": BAD}, "prompt", id="completion"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "stop": BAD}, "stop",
+                 id="completion-stop"),
+    pytest.param("/v1/completions", {"model": "tiny", "prompt": "x", "user": BAD}, "user",
+                 id="completion-user"),
+    pytest.param("/tiny", {"prompt": BAD}, "prompt", id="seed-prompt"),
+    pytest.param("/tiny", {"prompt": "hi", "system": BAD}, "system", id="seed-system"),
+    pytest.param("/tiny", {"prompt": "hi", "stop": BAD}, "stop", id="seed-stop"),
+    pytest.param("/tiny", {"prompt": "hi", "history": [["hi", BAD]]}, "history",
+                 id="seed-history-pair"),
+    pytest.param("/tiny", {"prompt": "hi", "history": [{"role": "user", "content": BAD}]},
+                 "history.content", id="seed-history-turn"),
+    pytest.param("/tiny", {"prompt": "hi", BAD: 1}, None, id="seed-unknown-key"),
+]  # fmt: skip
+
+
+def test_a_lone_surrogate_in_any_field_is_a_400_on_the_same_connection(
+    gateway: Gateway,
+) -> None:
+    connects: list[str] = []
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        if event.startswith("connection.connect_tcp.complete"):
+            connects.append(event)
+
+    with httpx.Client(base_url=gateway.url, timeout=60.0) as client:
+
+        def post(path: str, body: Any) -> httpx.Response:
+            content = json.dumps(body).encode()  # ASCII, the surrogate as a \ud800 escape
+            headers = {"Content-Type": "application/json"}
+            extensions = {"trace": trace}
+            return client.post(path, content=content, headers=headers, extensions=extensions)
+
+        opened = client.get("/health", extensions={"trace": trace})  # opens the one connection
+        assert opened.status_code == 200
+        for case in SURROGATES:
+            path, body, param = case.values
+            error = check_envelope(post(path, body), 400)
+            assert (error["param"], error["code"]) == (param, "invalid_value"), case.id
+        assert post("/tiny", {"prompt": "hi", "max_length": 1}).status_code == 200
+    assert len(connects) == 1  # every reply kept the connection open
 
 
 @pytest.mark.parametrize(

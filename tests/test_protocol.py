@@ -62,7 +62,7 @@ def test_a_seed_body_needs_only_a_prompt() -> None:
         ({"prompt": 5}, "prompt", "string_type"),
         ({"prompt": "x", "max_length": 0}, "max_length", "greater_than"),
         ({"prompt": "x", "max_length": -3}, "max_length", "greater_than"),
-        ({"prompt": "x", "max_length": "ten"}, "max_length", "int_parsing"),
+        ({"prompt": "x", "max_length": "ten"}, "max_length", "int_type"),
         ({"prompt": "x", "temperature": 2.5}, "temperature", "less_than_equal"),
         ({"prompt": "x", "top_p": 0}, "top_p", "greater_than"),
         ({"prompt": "x", "top_k": -1}, "top_k", "greater_than_equal"),
@@ -80,6 +80,54 @@ def test_a_bad_seed_body_is_rejected_naming_the_field(
     error = error_of(SeedRequest, body)
     assert error["loc"][0] == field
     assert error["type"] == kind
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_length", True),
+        ("max_length", "10"),
+        ("max_length", 2.0),
+        ("top_k", True),
+        ("seed", False),
+        ("temperature", True),
+        ("top_p", True),
+        ("repetition_penalty", True),
+        ("keep_alive", True),
+        ("temperature", "0.5"),
+        ("stream", 1),
+        ("stream", "true"),
+    ],
+)
+def test_booleans_are_not_numbers_and_numbers_are_not_booleans(field: str, value: Any) -> None:
+    # `max_length: true` was accepted as one new token.
+    assert error_of(SeedRequest, {"prompt": "x", field: value})["loc"][0] == field
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"n": True},
+        {"presence_penalty": False},
+        {"frequency_penalty": False},
+        {"logprobs": 0},
+        {"max_tokens": True},
+        {"max_completion_tokens": True},
+        {"stream_options": {"include_usage": 1}},
+    ],
+)
+def test_openai_fields_take_no_boolean_for_a_number_nor_a_number_for_a_boolean(
+    fields: dict[str, Any],
+) -> None:
+    assert error_of(ChatCompletionRequest, {"model": "m", "messages": USER_HI, **fields})["loc"][
+        0
+    ] == next(iter(fields))
+
+
+def test_json_integers_are_accepted_for_float_fields() -> None:
+    body = chat(temperature=1, top_p=1, repetition_penalty=2, keep_alive=30, presence_penalty=0)
+    assert (body.temperature, body.top_p, body.repetition_penalty) == (1.0, 1.0, 2.0)
+    assert chat(presence_penalty=0.0, frequency_penalty=0).presence_penalty == 0
 
 
 @pytest.mark.parametrize("pair", [["only one"], ["a", "b", "c"], [1, 2]])
@@ -143,6 +191,29 @@ def test_pairs_and_role_dicts_may_be_mixed() -> None:
         ("system", "s"),
         ("user", "p"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("body", "count"),
+    [
+        ({"prompt": "p"}, 1),
+        ({"prompt": "p", "system": "s"}, 2),
+        ({"prompt": "p", "history": [["u", "a"], ["u", "a"]]}, 5),
+        (
+            {
+                "prompt": "p",
+                "system": "s",
+                "history": [["u", "a"], {"role": "user", "content": "c"}],
+            },
+            5,
+        ),
+    ],
+)
+def test_the_seed_message_count_is_what_the_conversion_makes(
+    body: dict[str, Any], count: int
+) -> None:
+    request = SeedRequest.model_validate(body)
+    assert request.message_count() == count == len(seed_to_chat(request, "m").messages)
 
 
 def test_an_empty_system_adds_no_message() -> None:
@@ -233,7 +304,13 @@ def test_max_completion_tokens_wins_over_max_tokens() -> None:
 
 @pytest.mark.parametrize(
     ("fields", "field"),
-    [({"prompt": ""}, "prompt"), ({"echo": True}, "echo"), ({"max_tokens": 0}, "max_tokens")],
+    [
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": " \n\t"}, "prompt"),
+        ({"echo": True}, "echo"),
+        ({"echo": 0}, "echo"),
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
 )
 def test_a_bad_completion_body_is_rejected_naming_the_field(
     fields: dict[str, Any], field: str

@@ -40,10 +40,16 @@ class WorkerState:
     stall_timeout_s: float = 600.0  # a batch without a decoding step this long: unhealthy
     stats: WorkerStats = field(default_factory=WorkerStats)
     mailboxes: Mailboxes = field(default_factory=Mailboxes)
+    token_chars: int | None = None  # the longest token's length; read from the vocabulary once
 
 
 def create_worker_app(state: WorkerState) -> FastAPI:
-    app = FastAPI(title=f"llm-gateway worker: {state.name}", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title=f"llm-gateway worker: {state.name}",
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
+    )
     install_error_handlers(app)
 
     @app.get("/health")
@@ -72,15 +78,40 @@ def create_worker_app(state: WorkerState) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        await _could_fit(state, sum(len(m["content"]) for m in messages), "messages")
         prompt = await _build(state.adapter.chat_prompt, messages)
         return await _serve(state, request, "chat", body, prompt, "messages")
 
     @app.post("/v1/completions", response_model=None)
     async def completion(body: CompletionRequest, request: Request) -> Any:
+        await _could_fit(state, len(body.prompt), "prompt")
         prompt = await _build(state.adapter.completion_prompt, body.prompt)
         return await _serve(state, request, "completion", body, prompt, "prompt")
 
     return app
+
+
+async def _could_fit(state: WorkerState, chars: int, prompt_param: str) -> None:
+    """Refuse, without tokenizing it, text that has more characters than the whole context
+    could hold even if every token were the vocabulary's longest: tokenizing megabytes only
+    to refuse them costs the worker seconds."""
+    if state.token_chars is None:
+        state.token_chars = await asyncio.to_thread(_longest_token, state.adapter)
+    most = state.context_length * state.token_chars
+    if chars > most:
+        raise ContextLengthExceeded(
+            f"this model's context is {state.context_length} tokens, but the input "
+            f"({prompt_param}) is {chars} characters, more than {most} "
+            f"({state.token_chars} characters per token at the most) could fill it",
+            param=prompt_param,
+        )
+
+
+def _longest_token(adapter: Adapter) -> int:
+    # A token's vocabulary form (byte-level or sentencepiece) is at least as long as the
+    # text it stands for; the floor of 16 keeps an odd vocabulary from refusing real text.
+    vocab = adapter.tokenizer.get_vocab()
+    return max(16, max((len(token) for token in vocab), default=0))
 
 
 async def _build(render: Callable[[Any], Prompt], value: Any) -> Prompt:

@@ -1,14 +1,14 @@
-"""Bounds on client connections: time to send a request header, and how many stay open.
+"""Bounds on client connections: time to send a request, and how many stay open.
 
 uvicorn closes a keep-alive connection that stays silent after a response, but nothing
-bounds a connection that never sends a request, or sends its header a byte at a time; each
-holds a file descriptor, and once the descriptors run out the gateway accepts nothing, not
-even `/health`. `GuardedH11Protocol` (uvicorn's h11 protocol, passed as `Config(http=...)`)
-closes a connection whose request header is not complete `header_timeout_s` after it opened
-or after its previous response ended. And when `max_connections` are open (fewer where the
-process's descriptor limit is lower), a new connection closes the oldest one that is waiting
-for a request header; when none is waiting, every open connection is busy with a request,
-and the new one is closed instead.
+bounds a connection that never sends a request, or sends it a byte at a time; each holds a
+file descriptor, and once the descriptors run out the gateway accepts nothing, not even
+`/health`. `GuardedH11Protocol` (uvicorn's h11 protocol, passed as `Config(http=...)`)
+closes a connection whose request header is not complete `header_timeout_s` after it
+opened or after its previous response ended, or whose request body stalls for as long.
+When `max_connections` are open (fewer where the process's descriptor limit is lower), a
+new connection closes the oldest one that is waiting for a request header; when none is
+waiting, every open connection is busy with a request, and the new one is closed instead.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._header_deadline: asyncio.TimerHandle | None = None
+        self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -100,9 +100,14 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # a request header is in
+        state = self.conn.their_state
+        if state is h11.IDLE:
+            return  # the header's deadline runs on, however slowly its bytes come
+        self.guard.waiting.pop(self, None)  # a request header is in
+        if state is h11.SEND_BODY:
+            self._arm()  # a body may take long, but may not stall for longer than this
+        else:
             self._disarm()
-            self.guard.waiting.pop(self, None)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -116,21 +121,25 @@ class GuardedH11Protocol(H11Protocol):
             self.transport.close()
 
     def _await_header(self) -> None:
-        self._disarm()
         self.guard.waiting[self] = None
-        self._header_deadline = self.loop.call_later(
-            self.guard.header_timeout_s, self._header_timed_out
-        )
+        self._arm()
 
-    def _header_timed_out(self) -> None:
-        self._header_deadline = None
-        if self.conn.their_state is h11.IDLE:
+    def _arm(self) -> None:
+        self._disarm()
+        self._deadline = self.loop.call_later(self.guard.header_timeout_s, self._expired)
+
+    def _expired(self) -> None:
+        self._deadline = None
+        state = self.conn.their_state
+        # A body is late only when we were reading: uvicorn pauses reading while the app
+        # has not taken what arrived.
+        if state is h11.IDLE or (state is h11.SEND_BODY and not self.flow.read_paused):
             self.close_quietly()
 
     def _disarm(self) -> None:
-        if self._header_deadline is not None:
-            self._header_deadline.cancel()
-            self._header_deadline = None
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
 
 def guarded_protocol(guard: ConnectionGuard) -> type[GuardedH11Protocol]:

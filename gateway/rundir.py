@@ -1,11 +1,12 @@
 """The gateway's run directory: worker sockets and the package shim, one per gateway.
 
 It lives in the temporary directory as `llmgw-XXXXXXXX` and holds an `owner` file with the
-gateway's pid and that process's start time. A gateway removes its own directory when it
-stops; one that was killed cannot, so every gateway, as it starts, removes the directories
-whose owner is no longer running (a pid alone is not enough: pids are reused, the start
-time tells a new process from the old owner). A directory without an owner file, or owned
-by a live process or another user, is left alone.
+gateway's pid, that process's start time and its pid namespace. A gateway removes its own
+directory when it stops; one that was killed cannot, so every gateway, as it starts,
+removes the directories whose owner is no longer running (a pid alone is not enough: pids
+are reused, and the start time tells a new process from the old owner). A directory
+without an owner record, or owned by a live process, another user or another pid
+namespace (a container sharing /tmp), is left alone.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def create(parent: Path | None = None) -> Path:
             f"the run directory {path} is too long for a unix socket path "
             f"({SUN_PATH_MAX - 1} bytes at most); set TMPDIR to a shorter directory"
         )
-    (path / OWNER).write_text(_identity(os.getpid()) or str(os.getpid()))
+    _write_atomically(path / OWNER, _owner_record())
     return path
 
 
@@ -74,23 +75,44 @@ def clear_stale(base: Path) -> list[Path]:
 def _owner_is_dead(path: Path) -> bool:
     if path.stat().st_uid != os.getuid():
         return False
-    recorded = (path / OWNER).read_text().strip()  # OSError (no owner file): leave it
-    pid = int(recorded.split()[0])
+    # OSError (no owner file) or ValueError (not a record): leave the directory alone.
+    pid_text, started, namespace = (path / OWNER).read_text().split()
+    if namespace != _pid_namespace():
+        return False  # a gateway in another pid namespace: its pid means nothing here
+    pid = int(pid_text)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False  # alive, and someone else's
-    current = _identity(pid)
-    return current is not None and " " in recorded and current != recorded
+    now = _start_time(pid)
+    return started != "-" and now is not None and now != started  # the pid was reused
 
 
-def _identity(pid: int) -> str | None:
-    """`pid starttime` where /proc tells the start time (Linux); None elsewhere."""
+def _owner_record() -> str:
+    """`pid start-time pid-namespace`; `-` for what this system does not tell."""
+    pid = os.getpid()
+    return f"{pid} {_start_time(pid) or '-'} {_pid_namespace()}"
+
+
+def _start_time(pid: int) -> str | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    start = stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the name
-    return f"{pid} {start}"
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22, counted after the name
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "-"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Another gateway clearing stale directories never reads half a record."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)

@@ -10,6 +10,7 @@ key source either: `registry.py` rejects that at load.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 
 from gateway.config import Registry
@@ -83,8 +84,16 @@ def key_sources(registry: Registry) -> frozenset[str]:
     return frozenset(name for name in names if name)
 
 
+# A name passed by prefix that reads as a credential of the gateway's kind (`LLMGW_API_KEYS`
+# left in the shell while the registry reads keys from a file) stays out too; the hubs'
+# tokens (`HF_TOKEN`, `MODELSCOPE_API_TOKEN`) pass, for a worker may download its weights.
+_CREDENTIAL = re.compile(r"(^|_)(KEYS?|SECRETS?|PASSWORDS?)$", re.IGNORECASE)
+
+
 def allowed(name: str) -> bool:
-    return name in ALLOWED_NAMES or name.startswith(ALLOWED_PREFIXES)
+    if name in ALLOWED_NAMES:
+        return True
+    return name.startswith(ALLOWED_PREFIXES) and not _CREDENTIAL.search(name)
 
 
 def inherited(base: Mapping[str, str], secrets: Iterable[str]) -> dict[str, str]:

@@ -24,6 +24,8 @@ GATEWAY_ENV = {
     "TORCH_UPSTREAM_KEY": "upstream-key",
     "AWS_SECRET_ACCESS_KEY": "cloud",
     "DATABASE_URL": "postgres://user:pw@db",
+    "LLMGW_API_KEYS": "left in the shell",  # not a key source of this registry: a key still
+    "HF_SECRET": "likewise",
     "CUDA_DEVICE_ORDER": "FASTEST_FIRST",
 }
 SECRETS = frozenset({"GW_API_KEYS", "HF_ADMIN_KEYS", "TORCH_UPSTREAM_KEY"})
@@ -38,7 +40,7 @@ def test_only_allowed_variables_pass_and_key_sources_never_even_with_an_allowed_
     for name in ("PATH", "HOME", "LANG", "LC_ALL", "HF_HOME", "HF_TOKEN", "CUDA_HOME"):
         assert env[name] == GATEWAY_ENV[name]
     assert env["OMP_NUM_THREADS"] == "4" and env["LLMGW_LOG_LEVEL"] == "DEBUG"
-    for name in (*SECRETS, "AWS_SECRET_ACCESS_KEY", "DATABASE_URL"):
+    for name in (*SECRETS, "AWS_SECRET_ACCESS_KEY", "DATABASE_URL", "LLMGW_API_KEYS", "HF_SECRET"):
         assert name not in env
     assert env["LLMGW_WORKER_SPEC"] == "{}"
 

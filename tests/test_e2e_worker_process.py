@@ -94,15 +94,23 @@ def test_workers_get_no_key_variable_and_only_allowed_ones(
     assert environ["PATH"] == os.environ["PATH"]
 
 
-def serve(config: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def serve_until_exit(config: Path, env: dict[str, str], log: Path) -> int:
+    """`serve` run to its end (killed after a minute); its exit code, its output in `log`."""
     command = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
-    return subprocess.Popen(
-        [*command, "--port", str(free_port())],
-        cwd=ROOT,
-        env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [*command, "--port", str(free_port())],
+            cwd=ROOT,
+            env={**os.environ, **env},
+            stdout=output,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            return process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            return -1
 
 
 def test_the_run_directory_of_a_killed_gateway_is_removed_by_the_next_one(
@@ -128,13 +136,9 @@ def test_a_temporary_directory_too_long_for_a_socket_fails_at_start(
     temp = tmp_path / ("t" * (100 - len(str(tmp_path))))
     temp.mkdir()
     config = write_config(tmp_path, f"models:\n  a: {{source: {tiny_model}}}\n")
-    process = serve(config, {"TMPDIR": str(temp)})
-    try:
-        output, _ = process.communicate(timeout=60)
-    finally:
-        process.kill()
-        process.wait()
-    assert process.returncode == 2
+    log = tmp_path / "serve.log"
+    assert serve_until_exit(config, {"TMPDIR": str(temp)}, log) == 2
+    output = log.read_bytes()
     assert b"too long for a unix socket path" in output and b"TMPDIR" in output
     assert list(temp.iterdir()) == []
 

@@ -6,15 +6,14 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import shutil
 import signal
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from gateway import rundir
 from gateway.auth import ApiKeyAuth, load_keys
 from gateway.http import install_error_handlers
 from gateway.launcher import Launcher, ProcessLauncher
@@ -29,6 +28,7 @@ from gateway.routes.openai import openai_router
 from gateway.routes.seed import seed_router
 from gateway.service import Inference
 from gateway.supervisor import Supervisor
+from gateway.workerenv import key_sources
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,13 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     registry = loaded.registry
     settings = registry.gateway
     keys = load_keys(settings.auth)  # fail at start, not at the first request
-    run_dir = Path(tempfile.mkdtemp(prefix="llmgw-"))
+    run_dir = rundir.create()
     if launcher is None:
         process_launcher = ProcessLauncher(
-            run_dir, Path(settings.cache_dir), Path(settings.envs_dir)
+            run_dir,
+            Path(settings.cache_dir),
+            Path(settings.envs_dir),
+            key_sources=lambda: key_sources(supervisor.registry),  # the registry of the day
         )
         atexit.register(process_launcher.kill_all)  # a last resort if shutdown never ran
         launcher = process_launcher
@@ -90,7 +93,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
             for task in background:
                 task.cancel()
             await supervisor.shutdown()
-            shutil.rmtree(run_dir, ignore_errors=True)
+            rundir.remove(run_dir)
             log.info("gateway stopped; every worker has exited")
 
     app = FastAPI(

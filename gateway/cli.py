@@ -191,6 +191,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.app import create_app
+    from gateway.connections import ConnectionGuard, guarded_protocol
+    from gateway.rundir import RunDirTooLong
     from gateway.serving import DrainingServer
 
     logging.basicConfig(
@@ -201,12 +203,22 @@ def run_serve(args: argparse.Namespace) -> int:
     for warning in remote_code_warnings(loaded.registry.models):
         logging.getLogger("gateway").warning("%s", warning)
     settings = loaded.registry.gateway
-    app = create_app(loaded)
+    try:
+        app = create_app(loaded)
+    except RunDirTooLong as exc:
+        print(f"llm-gateway: {exc}", file=sys.stderr)
+        return 2
+
+    def limits() -> tuple[float, int]:  # read per connection: a reload applies at once
+        current = app.state.supervisor.registry.gateway
+        return current.header_timeout_s, current.max_connections
+
     config = uvicorn.Config(
         app,
         host=args.host or settings.host,
         port=settings.port if args.port is None else args.port,
         log_level=args.log_level,
+        http=guarded_protocol(ConnectionGuard(limits)),
         timeout_graceful_shutdown=5,  # after the drain: connections still open get 5 s
     )
     DrainingServer(config, app.state.drain).run()

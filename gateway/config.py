@@ -239,6 +239,10 @@ class GatewaySettings(Strict):
     probe_failures: int = Field(3, gt=0)  # consecutive failed probes before a restart
     memory_budget: dict[DeviceKey, ByteSize] = {}
     max_body_bytes: int = Field(4 * 2**20, gt=0)
+    # A client connection must send a whole request header within this time of opening
+    # (or of its previous response); and at most this many stay open (gateway/connections.py).
+    header_timeout_s: float = Field(10.0, gt=0)
+    max_connections: int = Field(1024, gt=0)
     cache_dir: str = ".cache"
     envs_dir: str = ".cache/envs"
     watch_config: bool = True

@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
 import signal
 import sys
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
 import gateway
+from gateway import rundir
 from gateway.config import ModelEntry
 from gateway.envs import EnvironmentMissing, python_for
 from gateway.upstream import Upstream
 from gateway.worker.spec import SPEC_ENV, WorkerSpec
+from gateway.workerenv import worker_environment
 
 log = logging.getLogger(__name__)
 Progress = Callable[[dict[str, Any]], None]
@@ -160,12 +163,20 @@ class WorkerProcess:
 class ProcessLauncher:
     """Starts local workers; remote entries get a `RemoteBackend`."""
 
-    def __init__(self, run_dir: Path, cache_dir: Path, envs_dir: Path) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cache_dir: Path,
+        envs_dir: Path,
+        key_sources: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
         self.run_dir = run_dir
         self.cache_dir = cache_dir
         self.envs_dir = envs_dir
+        self.key_sources = key_sources  # read at each launch: a reload may name new ones
         self.live: set[WorkerProcess] = set()
         self._shim = _package_shim(run_dir)
+        self._instances = itertools.count(1)
 
     async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> Backend:
         if entry.is_remote:
@@ -174,9 +185,9 @@ class ProcessLauncher:
             python = python_for(name, entry, self.envs_dir)
         except EnvironmentMissing as exc:
             raise LoadFailed("environment", str(exc)) from exc
-        socket = str(self.run_dir / f"{name}.sock")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(socket)
+        # Every instance has its own socket: a worker that is still draining after its
+        # model was removed, or replaced, removes only its own when it stops.
+        socket = rundir.socket_path(self.run_dir, next(self._instances))
         spec = self._spec(name, entry, socket)
         process = await asyncio.create_subprocess_exec(
             python,
@@ -218,20 +229,17 @@ class ProcessLauncher:
         )
 
     def _environment(self, entry: ModelEntry, spec: WorkerSpec) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(entry.env)
-        env[SPEC_ENV] = spec.model_dump_json()
-        env["LLMGW_PARENT_PID"] = str(os.getpid())
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(self._shim), env.get("PYTHONPATH")) if p
-        )
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        env["PYTHONUNBUFFERED"] = "1"
-        if isinstance(entry.devices, list):
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(d) for d in entry.devices)
-        else:
-            env["CUDA_VISIBLE_DEVICES"] = ""
-        return env
+        """An allow-listed environment (gateway/workerenv.py) plus what this worker needs."""
+        inherited_path = entry.env.get("PYTHONPATH", os.environ.get("PYTHONPATH"))
+        devices = entry.devices if isinstance(entry.devices, list) else []
+        settings = {
+            SPEC_ENV: spec.model_dump_json(),
+            "LLMGW_PARENT_PID": str(os.getpid()),
+            "PYTHONPATH": os.pathsep.join(p for p in (str(self._shim), inherited_path) if p),
+            "PYTHONUNBUFFERED": "1",
+            "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in devices),
+        }
+        return worker_environment(os.environ, self.key_sources(), entry.env, settings)
 
 
 def _local_max_memory(entry: ModelEntry) -> dict[str, int] | None:

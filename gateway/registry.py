@@ -16,6 +16,7 @@ from pydantic.fields import FieldInfo
 
 from adapters import ADAPTERS
 from gateway.config import MODEL_NAME, RESERVED_NAMES, Registry
+from gateway.workerenv import key_sources
 
 
 @dataclass(frozen=True)
@@ -120,9 +121,26 @@ def parse_registry(text: str, filename: str = "models.yaml") -> Registry:
     except ValidationError as exc:
         issues = _pydantic_issues(exc.errors(), root_node) + issues
         raise ConfigError(filename, sorted(issues, key=lambda i: i.line or 0)) from None
+    issues += _key_source_issues(registry, root_node)
     if issues:
         raise ConfigError(filename, issues)
     return registry
+
+
+def _key_source_issues(registry: Registry, root: yaml.Node | None) -> list[ConfigIssue]:
+    """A model's `env:` may not set a key source: workers never see a key (workerenv.py)."""
+    secrets = key_sources(registry)
+    return [
+        ConfigIssue(
+            _dotted(("models", name, "env", key)),
+            f"{key!r} holds API keys (a key source of the registry); workers never get it",
+            "remove it from `env:`",
+            _line(root, ("models", name, "env", key)),
+        )
+        for name, entry in registry.models.items()
+        for key in entry.env
+        if key in secrets
+    ]
 
 
 def _pydantic_issues(errors: Sequence[Any], root: yaml.Node | None) -> list[ConfigIssue]:

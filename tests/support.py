@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,12 @@ def write_config(directory: Path, text: str, name: str = "models.yaml") -> Path:
 class Gateway:
     """`python -m gateway serve` on a free port; stop() is SIGTERM and a wait."""
 
-    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: Path,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], object] | None = None,
+    ) -> None:
         self.config = config
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -55,6 +60,7 @@ class Gateway:
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            preexec_fn=preexec_fn,  # e.g. lower a resource limit of the gateway process
         )
         self.client = httpx.Client(base_url=self.url, timeout=60.0)
         try:

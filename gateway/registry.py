@@ -15,7 +15,12 @@ from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
 
 from adapters import ADAPTERS
+from gateway import yaml_reader
 from gateway.config import MODEL_NAME, RESERVED_NAMES, Registry
+from gateway.yaml_reader import clip
+
+MAX_MESSAGE = 500  # characters of one message or hint
+MAX_ISSUES = 50  # issues rendered; a file that is wrong everywhere needs no longer report
 
 
 @dataclass(frozen=True)
@@ -24,6 +29,11 @@ class ConfigIssue:
     message: str
     hint: str = ""
     line: int | None = None
+
+    def __post_init__(self) -> None:
+        # A value quoted back can be anything the file holds: keep every message short.
+        object.__setattr__(self, "message", clip(self.message, MAX_MESSAGE))
+        object.__setattr__(self, "hint", clip(self.hint, MAX_MESSAGE))
 
     def render(self, filename: str) -> str:
         where = f"{filename}:{self.line}" if self.line else filename
@@ -42,7 +52,9 @@ class ConfigError(Exception):
     def render(self) -> str:
         count = f"{len(self.issues)} error{'s' if len(self.issues) != 1 else ''}"
         lines = [f"{self.filename}: {count}"]
-        lines += [issue.render(self.filename) for issue in self.issues]
+        lines += [issue.render(self.filename) for issue in self.issues[:MAX_ISSUES]]
+        if len(self.issues) > MAX_ISSUES:
+            lines.append(f"... and {len(self.issues) - MAX_ISSUES} more")
         return "\n".join(lines)
 
 
@@ -53,6 +65,14 @@ class LoadedRegistry:
     registry: Registry
     path: Path
     digest: str
+    text: str = ""  # what was parsed, for finding the line of a path later
+
+    def line(self, loc: tuple[str | int, ...]) -> int | None:
+        """The line of the YAML path `loc` in the file as it was read."""
+        try:
+            return _line(yaml_reader.parse(self.text).root, loc)
+        except yaml_reader.YamlProblem:
+            return None
 
     @property
     def base_dir(self) -> Path:
@@ -60,15 +80,22 @@ class LoadedRegistry:
 
 
 def load_registry(path: str | Path) -> LoadedRegistry:
+    """Read, parse and validate the file; every failure is a ConfigError (blocking I/O)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            str(path), [ConfigIssue("", f"cannot read the file: {exc.strerror}")]
-        ) from exc
-    registry = _absolutize(parse_registry(text, str(path)), path.resolve().parent)
-    return LoadedRegistry(registry, path.resolve(), hashlib.sha256(text.encode()).hexdigest())
+        data = yaml_reader.read_bytes(path)
+        text = yaml_reader.decode(data)
+    except yaml_reader.YamlProblem as exc:
+        raise ConfigError(str(path), [ConfigIssue("", exc.message, line=exc.line)]) from None
+    registry = _absolutize(parse_registry(text, str(path)), _resolved(path).parent)
+    return LoadedRegistry(registry, _resolved(path), hashlib.sha256(data).hexdigest(), text)
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop that appeared after the read
+        return path.absolute()
 
 
 def _absolutize(registry: Registry, base: Path) -> Registry:
@@ -95,10 +122,16 @@ def _absolutize(registry: Registry, base: Path) -> Registry:
                     update={"python": resolve(python)}
                 )
         models[name] = entry.model_copy(update=update)
+    auth = registry.gateway.auth
+    key_files = {
+        "api_keys_file": resolve(auth.api_keys_file),
+        "admin_keys_file": resolve(auth.admin_keys_file),
+    }
     settings = registry.gateway.model_copy(
         update={
             "cache_dir": resolve(registry.gateway.cache_dir),
             "envs_dir": resolve(registry.gateway.envs_dir),
+            "auth": auth.model_copy(update=key_files),
         }
     )
     return registry.model_copy(update={"gateway": settings, "models": models})
@@ -106,12 +139,10 @@ def _absolutize(registry: Registry, base: Path) -> Registry:
 
 def parse_registry(text: str, filename: str = "models.yaml") -> Registry:
     try:
-        root_node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise ConfigError(filename, [ConfigIssue("", f"not valid YAML: {exc}", line=line)]) from exc
+        parsed = yaml_reader.parse(text)
+    except yaml_reader.YamlProblem as exc:
+        raise ConfigError(filename, [ConfigIssue("", exc.message, line=exc.line)]) from None
+    root_node, data = parsed.root, parsed.data
     if not isinstance(data, dict):
         raise ConfigError(filename, [ConfigIssue("", "expected a mapping with a `models:` key")])
     issues = list(_semantic_issues(data, root_node))

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic.fields import FieldInfo
@@ -23,6 +22,7 @@ from gateway.supervisor import Supervisor
 from tests.support import wait_until
 
 KEY = "sk-reload-test"
+Response = Any  # what TestClient returns (its own httpx build)
 
 
 class NoLauncher:
@@ -59,7 +59,7 @@ class Served:
     def rewrite(self, gateway: dict[str, Any]) -> None:
         self.config.write_text(registry_text(self.tmp_path, gateway))
 
-    def reload(self, key: str | None = KEY) -> httpx.Response:
+    def reload(self, key: str | None = KEY) -> Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return self.client.post("/admin/reload", headers=headers)
 
@@ -100,19 +100,19 @@ def changed_value(key: str, field: FieldInfo) -> object:
     raise AssertionError(f"gateway.{key}: add a changed value to CHANGED in {__file__}")
 
 
-def chat(client: TestClient, model: str, size: int = 1) -> httpx.Response:
+def chat(client: TestClient, model: str, size: int = 1) -> Response:
     body = {"model": model, "messages": [{"role": "user", "content": "x" * size}]}
     return client.post(
         "/v1/chat/completions", json=body, headers={"Authorization": "Bearer " + KEY}
     )
 
 
-def load(client: TestClient, model: str) -> httpx.Response:
+def load(client: TestClient, model: str) -> Response:
     """An admin load: it retries at once a model whose last load failed."""
     return client.post(f"/admin/models/{model}/load", headers={"Authorization": "Bearer " + KEY})
 
 
-def preflight(client: TestClient) -> httpx.Response:
+def preflight(client: TestClient) -> Response:
     headers = {"Origin": "https://new.example", "Access-Control-Request-Method": "POST"}
     return client.options("/v1/chat/completions", headers=headers)
 

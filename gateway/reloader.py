@@ -10,7 +10,6 @@ that is now missing or empty rejects the reload like an invalid file.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import asdict
@@ -115,8 +114,13 @@ class Reloader:
             raise ConfigError(str(self.path), [issue]) from None
 
     async def reload_quietly(self) -> None:
-        with contextlib.suppress(ConfigError):  # recorded in last_error and the log
+        """Reload for the watcher and SIGHUP, where nobody waits for an answer: log, never raise."""
+        try:
             await self.reload()
+        except ConfigError:
+            pass  # recorded in last_error and the log
+        except Exception:
+            log.exception("reloading %s failed; the previous configuration stays", self.path)
 
     async def watch(self, interval_s: float = 1.0) -> None:
         """Poll the file and its key files while `watch_config` is on; reload on a change.

@@ -87,8 +87,18 @@ def load_registry(path: str | Path) -> LoadedRegistry:
         text = yaml_reader.decode(data)
     except yaml_reader.YamlProblem as exc:
         raise ConfigError(str(path), [ConfigIssue("", exc.message, line=exc.line)]) from None
-    registry = _absolutize(parse_registry(text, str(path)), _resolved(path).parent)
+    try:
+        registry = _absolutize(parse_registry(text, str(path)), _resolved(path).parent)
+    except _PathProblem as exc:
+        issue = ConfigIssue("", f"cannot expand the path {exc.value!r}", "no such user's home")
+        raise ConfigError(str(path), [issue]) from None
     return LoadedRegistry(registry, _resolved(path), hashlib.sha256(data).hexdigest(), text)
+
+
+class _PathProblem(Exception):
+    def __init__(self, value: str) -> None:
+        super().__init__(value)
+        self.value = value
 
 
 def _resolved(path: Path) -> Path:
@@ -104,8 +114,11 @@ def _absolutize(registry: Registry, base: Path) -> Registry:
     def resolve(value: str | None) -> str | None:
         if value is None:
             return None
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else (base / path).resolve())
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # `~user` for a user this machine does not have
+            raise _PathProblem(value) from None
+        return str(path if path.is_absolute() else _resolved(base / path))
 
     models = {}
     for name, entry in registry.models.items():

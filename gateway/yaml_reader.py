@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-MAX_FILE_BYTES = 1 << 20  # a registry of hundreds of models is a few tens of KiB
+MAX_FILE_BYTES = 256 << 10  # a registry of hundreds of models is a few tens of KiB
 MAX_DEPTH = 64  # the schema nests five levels; PyYAML recurses per level
-MAX_NODES = 100_000  # nodes after expanding every alias
+MAX_NODES = 200_000  # nodes after expanding every alias (more than 256 KiB can write out)
 MAX_SCALAR_CHARS = 4 << 20  # characters of every scalar after expanding every alias
 MAX_ECHO = 200  # characters of a value quoted back in a message
 
@@ -99,7 +99,11 @@ def parse(text: str) -> Parsed:
     return Parsed(root, data)
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's parser where PyYAML was built with it: the pure-Python one is ten times slower.
+_Base: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_Base):  # type: ignore[valid-type,misc]
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
@@ -117,7 +121,7 @@ def _reader_line(exc: yaml.YAMLError, text: str) -> int | None:
 def _check_depth(text: str) -> None:
     """The parser is iterative; the composer and constructor recurse per level."""
     depth = 0
-    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+    for event in yaml.parse(text, Loader=_Base):
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_DEPTH:
@@ -158,8 +162,8 @@ def _check_expansion(root: yaml.Node) -> None:
             nodes, chars, height = nodes + n, chars + c, max(height, h + 1)
             if nodes > MAX_NODES or chars > MAX_SCALAR_CHARS:
                 raise YamlProblem(
-                    f"its aliases expand to more than {MAX_NODES} values or "
-                    f"{MAX_SCALAR_CHARS} characters",
+                    f"it holds more than {MAX_NODES} values or {MAX_SCALAR_CHARS} characters "
+                    "once its aliases are expanded",
                     _line(child),
                 )
         busy.discard(id(node))

@@ -65,9 +65,7 @@ def decode(data: bytes) -> str:
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         byte = data[exc.start : exc.start + 1].hex()
-        raise YamlProblem(
-            f"not valid UTF-8: byte 0x{byte} cannot start a character", line
-        ) from None
+        raise YamlProblem(f"not valid UTF-8 (byte 0x{byte}): save it as UTF-8", line) from None
 
 
 @dataclass(frozen=True)

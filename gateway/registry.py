@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import ValidationError
 
 from adapters import ADAPTERS
+from gateway import config_hints as hints
 from gateway import yaml_reader
 from gateway.config import MODEL_NAME, RESERVED_NAMES, Registry
 from gateway.yaml_reader import clip
@@ -210,7 +208,7 @@ def _semantic_issues(data: dict[str, Any], root: yaml.Node | None) -> Iterable[C
             yield ConfigIssue(
                 _dotted((*loc, "adapter")),
                 f"unknown adapter {adapter!r}",
-                _suggest(adapter, ADAPTERS),
+                hints.suggest(adapter, ADAPTERS),
                 _line(root, (*loc, "adapter")),
             )
     settings = data.get("gateway")
@@ -220,7 +218,7 @@ def _semantic_issues(data: dict[str, Any], root: yaml.Node | None) -> Iterable[C
         yield ConfigIssue(
             _dotted(loc),
             f"{default!r} is not a model in `models`",
-            _suggest(str(default), names),
+            hints.suggest(str(default), names),
             _line(root, loc),
         )
 
@@ -230,103 +228,19 @@ def _issue_from_pydantic(err: Any, root: yaml.Node | None) -> ConfigIssue:
     line = _line(root, loc)
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
-        return ConfigIssue(_dotted(loc), f"unknown key {key!r}", _suggest_key(key, loc[:-1]), line)
+        return ConfigIssue(
+            _dotted(loc), f"unknown key {key!r}", hints.suggest_key(key, loc[:-1]), line
+        )
     if err["type"] == "missing":
         return ConfigIssue(_dotted(loc), "this key is required", f"add `{loc[-1]}:`", line)
     message = str(err["msg"]).removeprefix("Value error, ")
-    hint = _hint_for(loc) or _value_hint(loc, err.get("input"))
+    hint = hints.hint_for(loc) or hints.value_hint(loc, err.get("input"))
     return ConfigIssue(_dotted(loc), message, hint, line)
 
 
 def _is_union_tag(part: object) -> bool:
     # pydantic adds the union member it tried ("list[...]", "literal['cpu']") to error paths.
     return isinstance(part, str) and ("[" in part or part in {"str", "int"})
-
-
-def _hint_for(loc: tuple[str | int, ...]) -> str:
-    hints = {
-        "devices": "write `devices: cpu` or a list of GPU indices such as `devices: [0, 1]`",
-        "dtype": "one of float32, bfloat16, float16, auto (float32 on CPU, bfloat16 on GPU)",
-        "hub": "one of local, modelscope, huggingface",
-        "max_memory": "map devices to sizes, e.g. `max_memory: {0: 22GiB, 1: 22GiB, cpu: 64GiB}`",
-        "memory_budget": "map devices to sizes, e.g. `memory_budget: {0: 22GiB, cpu: 16GiB}`",
-    }
-    for part in reversed(loc):
-        if isinstance(part, str) and part in hints:
-            return hints[part]
-    return ""
-
-
-def _value_hint(loc: tuple[str | int, ...], value: object) -> str:
-    """For a bad scalar: what the file says, and the default that leaving the key out gives."""
-    if not isinstance(value, (str, int, float, bool)):
-        return ""
-    given = f"the file says {json.dumps(value, ensure_ascii=False)}"
-    default = getattr(_field_at(loc), "default", None)
-    if isinstance(default, (str, int, float, bool)):
-        return f"{given}; leave the key out to get the default, {json.dumps(default)}"
-    return given
-
-
-def _field_at(loc: tuple[str | int, ...]) -> FieldInfo | None:
-    """The schema field a YAML path points at (keys of mappings such as `models:` skipped)."""
-    model: type[BaseModel] | None = Registry
-    field = None
-    skip_key = False
-    for part in loc:
-        if skip_key:
-            skip_key = False
-            continue
-        field = model.model_fields.get(str(part)) if model else None
-        if field is None:
-            return None
-        skip_key = getattr(field.annotation, "__origin__", None) is dict
-        model = _model_of(field.annotation)
-    return field
-
-
-def _suggest_key(key: str, parent: tuple[str | int, ...]) -> str:
-    known = _known_keys(parent)
-    if difflib.get_close_matches(key, known, n=1, cutoff=0.6):
-        return _suggest(key, known)
-    nested = [f"{k}.{sub}" for k in known for sub in _known_keys((*parent, k))]
-    close = difflib.get_close_matches(key, [n.split(".")[-1] for n in nested], n=1, cutoff=0.75)
-    if close:
-        return f"did you mean {next(n for n in nested if n.endswith('.' + close[0]))!r}?"
-    return _suggest(key, known)
-
-
-def _known_keys(loc: tuple[str | int, ...]) -> list[str]:
-    model: type[BaseModel] | None = Registry
-    skip_key = False
-    for part in loc:
-        if skip_key:  # a key of a mapping such as `models:`; its value has the model type
-            skip_key = False
-            continue
-        field = model.model_fields.get(str(part)) if model else None
-        if field is None:
-            return []
-        skip_key = getattr(field.annotation, "__origin__", None) is dict
-        model = _model_of(field.annotation)
-    return sorted(model.model_fields) if model and not skip_key else []
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    choices = sorted(choices)
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    return f"choose one of: {', '.join(choices)}" if choices else ""
 
 
 def _dotted(loc: tuple[str | int, ...]) -> str:

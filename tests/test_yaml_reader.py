@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.cli import main
 from gateway.registry import ConfigError, load_registry
@@ -199,3 +202,26 @@ def test_a_path_through_a_symlink_loop_is_kept_as_written(tmp_path: Path) -> Non
     path = tmp_path / "models.yaml"
     path.write_text("models:\n  m: {source: ./loop/m}\n")
     assert load_registry(path).registry.models["m"].source == str(tmp_path / "loop" / "m")
+
+
+YAML_PIECES = st.sampled_from(
+    [
+        "models:", "gateway:", "\n", "  ", "- ", "[", "]", "{", "}", ": ", ", ", "&a ", "*a",
+        "<<: ", "!!int ", "!!binary ", "!!python/name:os.system ", "'", '"', "\\", "#", "~",
+        "2024-02-30", "1e9999", "0x", "\t", "\x00", "\ufeff", "\ud800", "m", "source: ./m",
+        "memory_budget: ", "22GiB", "null", "---", "...", "%YAML 1.1", "? ",
+    ]
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), st.lists(YAML_PIECES, max_size=40).map("".join)))
+def test_any_file_contents_give_a_registry_or_a_config_error(contents: bytes | str) -> None:
+    data = contents if isinstance(contents, bytes) else contents.encode("utf-8", "surrogatepass")
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "models.yaml"
+        path.write_bytes(data)
+        try:
+            load_registry(path)
+        except ConfigError as exc:
+            assert len(exc.render()) < 5000

@@ -272,3 +272,12 @@ def test_the_watcher_rejects_an_unparsable_file_and_applies_the_next_good_one(
         server.config.write_text(good.replace('"default_model": "a"', '"default_model": "b"'))
         assert wait_until(lambda: server.reloader.settings().default_model == "b", timeout=10)
         assert server.reloader.last_error is None
+
+
+def test_watch_config_turned_on_by_a_reload_starts_watching(tmp_path: Path) -> None:
+    server = Served(tmp_path, {"watch_config": False})
+    with server.client:
+        server.rewrite({"watch_config": True})
+        assert server.reload().json()["restart_required"] == []
+        server.rewrite({"watch_config": True, "default_model": "b"})  # no reload asked for
+        assert wait_until(lambda: server.reloader.settings().default_model == "b", timeout=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,7 +225,7 @@ def _semantic_issues(data: dict[str, Any], root: yaml.Node | None) -> Iterable[C
 
 
 def _issue_from_pydantic(err: Any, root: yaml.Node | None) -> ConfigIssue:
-    loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+    loc = tuple(p for p in err["loc"] if not _is_union_tag(p)) or tuple(err["loc"])
     line = _line(root, loc)
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
@@ -238,9 +239,13 @@ def _issue_from_pydantic(err: Any, root: yaml.Node | None) -> ConfigIssue:
     return ConfigIssue(_dotted(loc), message, hint, line)
 
 
+_UNION_TAG = re.compile(r"[a-z][a-z_-]*\[.*\]|str|int", re.DOTALL)
+
+
 def _is_union_tag(part: object) -> bool:
-    # pydantic adds the union member it tried ("list[...]", "literal['cpu']") to error paths.
-    return isinstance(part, str) and ("[" in part or part in {"str", "int"})
+    # pydantic adds the union member it tried ("list[...]", "literal['cpu']") to error paths;
+    # a key of the file's own ("models:[x") is not one.
+    return isinstance(part, str) and _UNION_TAG.fullmatch(part) is not None
 
 
 def _dotted(loc: tuple[str | int, ...]) -> str:

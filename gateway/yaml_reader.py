@@ -105,8 +105,11 @@ class _Loader(_Base):  # type: ignore[valid-type,misc]
     def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
         try:
             return super().construct_object(node, deep)
-        except (ValueError, TypeError, OverflowError) as exc:
-            # The safe constructor's own conversions: `!!int x`, the date 2024-02-30.
+        except (YamlProblem, yaml.YAMLError):
+            raise
+        except Exception as exc:
+            # The safe constructor's own conversions fail in their own ways: `!!int x` and
+            # 2024-02-30 (ValueError), an empty `!!int` (IndexError), `!!bool x` (KeyError).
             message = f"not valid YAML: {clip(str(exc) or type(exc).__name__)}"
             raise YamlProblem(message, _line(node)) from None
 

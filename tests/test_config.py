@@ -552,3 +552,9 @@ def test_the_llm_gateway_script_is_installed_and_runs_check(tmp_path: Path) -> N
 def test_no_command_prints_usage_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "usage: llm-gateway" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key", ["'models:[x'", "'list[int]'", "'a]['"])
+def test_a_key_with_brackets_is_reported_as_an_unknown_key(key: str) -> None:
+    issues = issues_of(f"{key}: 1\nmodels: {{}}\n")
+    assert [i.message for i in issues] == [f"unknown key {key.strip(chr(39))!r}"]

@@ -53,6 +53,8 @@ BAD_TEXTS: dict[str, tuple[bytes, str, int | None]] = {
         2,
     ),
     "bad explicit int": (b"models:\n  m: {source: ./m, pinned: !!int x}\n", "not valid YAML", 2),
+    "empty explicit int": (b"models:\n  m: {source: ./m, pinned: !!int }\n", "not valid YAML", 2),
+    "bad explicit bool": (b"models:\n  m: {source: ./m, pinned: !!bool x}\n", "not valid YAML", 2),
     "python tag": (b"models: !!python/object:os.system {}\n", "not valid YAML", 1),
     "control character": (b'models:\n  m: {source: "a\x01b"}\n', "unacceptable character", 2),
     "too large": (b"# " + b"x" * MAX_FILE_BYTES + b"\n" + GOOD.encode(), "larger than", None),

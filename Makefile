@@ -43,7 +43,7 @@ format: $(STAMP)
 typecheck: $(STAMP)
 	$(PY) -m mypy
 
-check: $(STAMP)
+check: $(STAMP) $(DEMO)/config.json  ## the shipped registry names the demo model: build it first
 	$(PY) -m gateway check --config models.yaml
 
 bench: $(STAMP) $(VENV)/.bench-installed  ## run every benchmark, write docs/BENCHMARKS.md (~10 min)

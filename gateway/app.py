@@ -11,14 +11,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 
 from gateway import rundir
 from gateway.auth import ApiKeyAuth, load_keys
 from gateway.http import install_error_handlers
 from gateway.launcher import Launcher, ProcessLauncher
 from gateway.metrics import GatewayMetrics, RequestMetrics
-from gateway.middleware import BodyLimit
+from gateway.middleware import BodyLimit, LiveCORS
 from gateway.registry import LoadedRegistry
 from gateway.reloader import Reloader
 from gateway.routes.admin import admin_router
@@ -55,7 +54,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
         atexit.register(process_launcher.kill_all)  # a last resort if shutdown never ran
         launcher = process_launcher
     supervisor = Supervisor(registry, launcher)
-    reloader = Reloader(loaded, supervisor)
+    reloader = Reloader(loaded, supervisor, keys)
     inference = Inference(supervisor)
     metrics = GatewayMetrics(supervisor)
     readiness = Readiness()
@@ -74,8 +73,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
             asyncio.create_task(supervisor.run_reaper()),
             asyncio.create_task(supervisor.prober.run()),
         ]
-        if settings.watch_config:
-            background.append(asyncio.create_task(reloader.watch()))
+        background.append(asyncio.create_task(reloader.watch()))  # idle while watch_config is off
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError):  # only the main thread gets signals
             loop.add_signal_handler(
@@ -107,6 +105,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     )
     app.state.supervisor = supervisor
     app.state.registry = loaded
+    app.state.reloader = reloader
     app.state.drain = drain
     app.state.metrics = metrics
     install_error_handlers(app)
@@ -116,14 +115,9 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     app.include_router(admin_router(supervisor, reloader))
     app.include_router(seed_router(inference, supervisor))  # last: POST /{model} catches all
     # Middleware runs outside-in in reverse order of addition: metrics, CORS, auth, body limit.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, keys=keys)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST", "OPTIONS"],
-            allow_headers=["Authorization", "Content-Type"],
-        )
+    # Each reads the settings in force per request, so a reload applies to the next one.
+    app.add_middleware(BodyLimit, max_bytes=lambda: reloader.settings().max_body_bytes)
+    app.add_middleware(ApiKeyAuth, keys=lambda: reloader.keys)
+    app.add_middleware(LiveCORS, origins=lambda: reloader.settings().cors_origins)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees every status
     return app

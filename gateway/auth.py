@@ -5,28 +5,34 @@ needs an admin key (or, when no admin keys are configured, an API key); everythi
 (inference, model listing, metrics, the OpenAPI document) needs an API key. With no keys
 configured at all the gateway is open, which is why it binds 127.0.0.1 by default.
 Keys come from an environment variable (comma-separated) or a file (one per line, `#`
-comments), never from models.yaml, and are compared in constant time.
+comments), never from models.yaml, and are compared in constant time. The keys in force
+are read through a callable at every request, so a reload that re-reads the sources (and
+swaps the result in) takes effect at the next request.
 """
 
 from __future__ import annotations
 
 import hmac
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway.config import Auth
 from gateway.errors import Forbidden, GatewayError, Unauthorized
 from gateway.middleware import send_error
+from gateway.yaml_reader import YamlProblem, decode, read_bytes
 
 OPEN_PATHS = frozenset({"/health", "/ready"})
 
 
 class KeySourceError(Exception):
-    """A configured key source (variable or file) is missing or empty."""
+    """A configured key source (variable or file) is missing, unreadable or empty."""
+
+    def __init__(self, message: str, key: str) -> None:
+        super().__init__(message)
+        self.key = key  # the `gateway.auth` key that names the source
 
 
 @dataclass(frozen=True)
@@ -40,26 +46,35 @@ class Keys:
 
 
 def load_keys(auth: Auth) -> Keys:
-    api = _read(auth.api_keys_env, auth.api_keys_file)
-    admin = _read(auth.admin_keys_env, auth.admin_keys_file)
+    """Read every configured source now (blocking I/O); raises KeySourceError."""
+    api = _read(auth.api_keys_env, auth.api_keys_file, "api_keys")
+    admin = _read(auth.admin_keys_env, auth.admin_keys_file, "admin_keys")
     return Keys(tuple(api), tuple(admin))
 
 
-def _read(env: str | None, file: str | None) -> list[str]:
+def key_files(auth: Auth) -> list[str]:
+    """The files keys are read from (what a watcher of the configuration also watches)."""
+    return [f for f in (auth.api_keys_file, auth.admin_keys_file) if f is not None]
+
+
+def _read(env: str | None, file: str | None, kind: str) -> list[str]:
     keys: list[str] = []
     if env is not None:
         value = os.environ.get(env)
         if not value:
-            raise KeySourceError(f"environment variable {env} (named in gateway.auth) is not set")
+            message = f"environment variable {env} (named in gateway.auth) is not set"
+            raise KeySourceError(message, f"{kind}_env")
         keys += [k.strip() for k in value.split(",") if k.strip()]
     if file is not None:
         try:
-            lines = Path(file).expanduser().read_text().splitlines()
-        except OSError as exc:
-            raise KeySourceError(f"cannot read key file {file}: {exc.strerror}") from exc
+            lines = decode(read_bytes(os.path.expanduser(file))).splitlines()
+        except YamlProblem as exc:
+            raise KeySourceError(f"key file {file}: {exc.message}", f"{kind}_file") from None
         keys += [ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
     if (env or file) and not keys:
-        raise KeySourceError(f"no keys found in {env or file}")
+        raise KeySourceError(
+            f"no keys found in {env or file}", f"{kind}_{'env' if env else 'file'}"
+        )
     return keys
 
 
@@ -72,39 +87,41 @@ def _matches(presented: str, keys: Iterable[str]) -> bool:
 
 
 class ApiKeyAuth:
-    def __init__(self, app: ASGIApp, keys: Keys) -> None:
+    def __init__(self, app: ASGIApp, keys: Callable[[], Keys]) -> None:
         self.app = app
-        self.keys = keys
+        self.keys = keys  # the keys in force, read once per request
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.keys.enabled:
+        keys = self.keys()
+        if scope["type"] != "http" or not keys.enabled:
             await self.app(scope, receive, send)
             return
-        error = self.check(scope["path"], scope["method"], dict(scope["headers"]))
+        error = check(keys, scope["path"], scope["method"], dict(scope["headers"]))
         if error is not None:
             await send_error(send, error)
             return
         await self.app(scope, receive, send)
 
-    def check(self, path: str, method: str, headers: dict[bytes, bytes]) -> GatewayError | None:
-        if path in OPEN_PATHS or method == "OPTIONS":  # CORS preflights carry no credentials
+
+def check(keys: Keys, path: str, method: str, headers: dict[bytes, bytes]) -> GatewayError | None:
+    """The error to answer a request with under `keys`, or None to let it through."""
+    if path in OPEN_PATHS or method == "OPTIONS":  # CORS preflights carry no credentials
+        return None
+    presented = _bearer(headers)
+    if presented is None:
+        return Unauthorized(
+            "missing API key: send `Authorization: Bearer <key>`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if path == "/admin" or path.startswith("/admin/"):
+        if _matches(presented, keys.admin or keys.api):
             return None
-        presented = _bearer(headers)
-        is_admin_path = path == "/admin" or path.startswith("/admin/")
-        if presented is None:
-            return Unauthorized(
-                "missing API key: send `Authorization: Bearer <key>`",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        if is_admin_path:
-            if _matches(presented, self.keys.admin or self.keys.api):
-                return None
-            if _matches(presented, self.keys.api):
-                return Forbidden("this key may not use the admin API", code="admin_key_required")
-            return Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
-        if _matches(presented, self.keys.api + self.keys.admin):
-            return None
+        if _matches(presented, keys.api):
+            return Forbidden("this key may not use the admin API", code="admin_key_required")
         return Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    if _matches(presented, keys.api + keys.admin):
+        return None
+    return Unauthorized("invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
 
 def _bearer(headers: dict[bytes, bytes]) -> str | None:

@@ -10,8 +10,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gateway.config import ModelEntry
-from gateway.hub import remote_code_warnings
-from gateway.registry import ConfigError, LoadedRegistry, load_registry
+from gateway.hub import local_source_problems, remote_code_warnings
+from gateway.registry import ConfigError, ConfigIssue, LoadedRegistry, load_registry
 
 DEFAULT_CONFIG = "models.yaml"
 Command = Callable[[argparse.Namespace], int]
@@ -77,6 +77,13 @@ def _command(
 
 def run_check(args: argparse.Namespace) -> int:
     loaded = load_registry(args.config)
+    issues = [
+        ConfigIssue(f"models.{name}.source", message, hint, loaded.line(("models", name, "source")))
+        for name, entry in loaded.registry.models.items()
+        for message, hint in local_source_problems(entry)
+    ]
+    if issues:
+        raise ConfigError(args.config, issues)
     for warning in remote_code_warnings(loaded.registry.models):
         print(f"{args.config}: warning: {warning}", file=sys.stderr)
     count = len(loaded.registry.models)

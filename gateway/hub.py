@@ -74,6 +74,31 @@ def locate(entry: ModelEntry, weights: str, default_cache: Path) -> Path | None:
     )
 
 
+def local_source_problems(entry: ModelEntry) -> list[tuple[str, str]]:
+    """(message, hint) for each reason a `hub: local` source cannot load, found on disk now."""
+    if entry.hub != "local" or entry.source is None:
+        return []
+    path = Path(entry.source)
+    if not path.exists():
+        hint = "fix the path (a relative one starts at the registry file's folder), or set `hub:`"
+        return [(f"the folder {path} does not exist", hint + " for a hub id")]
+    if not path.is_dir():
+        return [(f"{path} is not a folder", "point `source` at the checkpoint's folder")]
+    if entry.trust_remote_code and "." in path.name:
+        # transformers before 4.57, which remote-code checkpoints often pin, imports the code
+        # as `transformers_modules.<folder>`, and a dot splits that module name ("No module
+        # named 'transformers_modules.<prefix>'"); the entry's environment may be either.
+        renamed = path.name.replace(".", "_")
+        return [
+            (
+                f"the folder name {path.name!r} contains a dot, so transformers cannot import "
+                "its remote code",
+                f"rename the folder, e.g. to {renamed!r}, and `source` with it",
+            )
+        ]
+    return []
+
+
 def missing_message(name: str, entry: ModelEntry, weights: str) -> str:
     if entry.hub == "local":
         return f"model {name!r}: the path {weights} does not exist"

@@ -1,9 +1,16 @@
-"""ASGI middleware that must see requests before any route does."""
+"""ASGI middleware that must see requests before any route does.
+
+Each takes its setting as a callable read once per request, so a reload of the registry
+applies to the next request without rebuilding the middleware stack (which Starlette
+builds once, at the first request).
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 
+from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.errors import GatewayError, PayloadTooLarge
@@ -12,7 +19,7 @@ from gateway.errors import GatewayError, PayloadTooLarge
 class BodyLimit:
     """Refuse bodies over `max_bytes` with 413, by Content-Length or while streaming in."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: Callable[[], int]) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
@@ -20,9 +27,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = PayloadTooLarge(f"the request body exceeds {self.max_bytes} bytes")
+        limit = self.max_bytes()
+        too_large = PayloadTooLarge(f"the request body exceeds {limit} bytes")
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isdigit() and int(length) > limit:
             await send_error(send, too_large)
             return
         seen = 0
@@ -33,7 +41,7 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise too_large
             return message
 
@@ -47,6 +55,32 @@ class BodyLimit:
         except PayloadTooLarge as exc:
             if not started:
                 await send_error(send, exc)
+
+
+class LiveCORS:
+    """CORS for the origins in force: Starlette's CORSMiddleware fixes its origins when it is
+    built, so one is built again whenever the configured list changes (none when empty)."""
+
+    def __init__(self, app: ASGIApp, origins: Callable[[], Sequence[str]]) -> None:
+        self.app = app
+        self.origins = origins
+        self._built: tuple[tuple[str, ...], ASGIApp] = ((), app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        origins = tuple(self.origins())
+        if origins != self._built[0]:
+            self._built = (origins, self._cors(origins))
+        await self._built[1](scope, receive, send)
+
+    def _cors(self, origins: tuple[str, ...]) -> ASGIApp:
+        if not origins:
+            return self.app
+        return CORSMiddleware(
+            self.app,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
 
 
 async def send_error(send: Send, error: GatewayError) -> None:

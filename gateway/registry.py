@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ValidationError
-from pydantic.fields import FieldInfo
+from pydantic import ValidationError
 
 from adapters import ADAPTERS
+from gateway import config_hints as hints
+from gateway import yaml_reader
 from gateway.config import MODEL_NAME, RESERVED_NAMES, Registry
 from gateway.workerenv import key_sources
+from gateway.yaml_reader import clip
+
+MAX_MESSAGE = 500  # characters of one message or hint
+MAX_ISSUES = 50  # issues rendered; a file that is wrong everywhere needs no longer report
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,11 @@ class ConfigIssue:
     message: str
     hint: str = ""
     line: int | None = None
+
+    def __post_init__(self) -> None:
+        # A value quoted back can be anything the file holds: keep every message short.
+        object.__setattr__(self, "message", clip(self.message, MAX_MESSAGE))
+        object.__setattr__(self, "hint", clip(self.hint, MAX_MESSAGE))
 
     def render(self, filename: str) -> str:
         where = f"{filename}:{self.line}" if self.line else filename
@@ -43,7 +52,9 @@ class ConfigError(Exception):
     def render(self) -> str:
         count = f"{len(self.issues)} error{'s' if len(self.issues) != 1 else ''}"
         lines = [f"{self.filename}: {count}"]
-        lines += [issue.render(self.filename) for issue in self.issues]
+        lines += [issue.render(self.filename) for issue in self.issues[:MAX_ISSUES]]
+        if len(self.issues) > MAX_ISSUES:
+            lines.append(f"... and {len(self.issues) - MAX_ISSUES} more")
         return "\n".join(lines)
 
 
@@ -54,6 +65,14 @@ class LoadedRegistry:
     registry: Registry
     path: Path
     digest: str
+    text: str = ""  # what was parsed, for finding the line of a path later
+
+    def line(self, loc: tuple[str | int, ...]) -> int | None:
+        """The line of the YAML path `loc` in the file as it was read."""
+        try:
+            return _line(yaml_reader.parse(self.text).root, loc)
+        except yaml_reader.YamlProblem:
+            return None
 
     @property
     def base_dir(self) -> Path:
@@ -61,15 +80,32 @@ class LoadedRegistry:
 
 
 def load_registry(path: str | Path) -> LoadedRegistry:
+    """Read, parse and validate the file; every failure is a ConfigError (blocking I/O)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(
-            str(path), [ConfigIssue("", f"cannot read the file: {exc.strerror}")]
-        ) from exc
-    registry = _absolutize(parse_registry(text, str(path)), path.resolve().parent)
-    return LoadedRegistry(registry, path.resolve(), hashlib.sha256(text.encode()).hexdigest())
+        data = yaml_reader.read_bytes(path)
+        text = yaml_reader.decode(data)
+    except yaml_reader.YamlProblem as exc:
+        raise ConfigError(str(path), [ConfigIssue("", exc.message, line=exc.line)]) from None
+    try:
+        registry = _absolutize(parse_registry(text, str(path)), _resolved(path).parent)
+    except _PathProblem as exc:
+        issue = ConfigIssue("", f"cannot expand the path {exc.value!r}", "no such user's home")
+        raise ConfigError(str(path), [issue]) from None
+    return LoadedRegistry(registry, _resolved(path), hashlib.sha256(data).hexdigest(), text)
+
+
+class _PathProblem(Exception):
+    def __init__(self, value: str) -> None:
+        super().__init__(value)
+        self.value = value
+
+
+def _resolved(path: Path) -> Path:
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # a symlink loop that appeared after the read
+        return path.absolute()
 
 
 def _absolutize(registry: Registry, base: Path) -> Registry:
@@ -78,8 +114,11 @@ def _absolutize(registry: Registry, base: Path) -> Registry:
     def resolve(value: str | None) -> str | None:
         if value is None:
             return None
-        path = Path(value).expanduser()
-        return str(path if path.is_absolute() else (base / path).resolve())
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # `~user` for a user this machine does not have
+            raise _PathProblem(value) from None
+        return str(path if path.is_absolute() else _resolved(base / path))
 
     models = {}
     for name, entry in registry.models.items():
@@ -96,10 +135,16 @@ def _absolutize(registry: Registry, base: Path) -> Registry:
                     update={"python": resolve(python)}
                 )
         models[name] = entry.model_copy(update=update)
+    auth = registry.gateway.auth
+    key_files = {
+        "api_keys_file": resolve(auth.api_keys_file),
+        "admin_keys_file": resolve(auth.admin_keys_file),
+    }
     settings = registry.gateway.model_copy(
         update={
             "cache_dir": resolve(registry.gateway.cache_dir),
             "envs_dir": resolve(registry.gateway.envs_dir),
+            "auth": auth.model_copy(update=key_files),
         }
     )
     return registry.model_copy(update={"gateway": settings, "models": models})
@@ -107,12 +152,10 @@ def _absolutize(registry: Registry, base: Path) -> Registry:
 
 def parse_registry(text: str, filename: str = "models.yaml") -> Registry:
     try:
-        root_node = yaml.compose(text)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        raise ConfigError(filename, [ConfigIssue("", f"not valid YAML: {exc}", line=line)]) from exc
+        parsed = yaml_reader.parse(text)
+    except yaml_reader.YamlProblem as exc:
+        raise ConfigError(filename, [ConfigIssue("", exc.message, line=exc.line)]) from None
+    root_node, data = parsed.root, parsed.data
     if not isinstance(data, dict):
         raise ConfigError(filename, [ConfigIssue("", "expected a mapping with a `models:` key")])
     issues = list(_semantic_issues(data, root_node))
@@ -184,7 +227,7 @@ def _semantic_issues(data: dict[str, Any], root: yaml.Node | None) -> Iterable[C
             yield ConfigIssue(
                 _dotted((*loc, "adapter")),
                 f"unknown adapter {adapter!r}",
-                _suggest(adapter, ADAPTERS),
+                hints.suggest(adapter, ADAPTERS),
                 _line(root, (*loc, "adapter")),
             )
     settings = data.get("gateway")
@@ -194,113 +237,33 @@ def _semantic_issues(data: dict[str, Any], root: yaml.Node | None) -> Iterable[C
         yield ConfigIssue(
             _dotted(loc),
             f"{default!r} is not a model in `models`",
-            _suggest(str(default), names),
+            hints.suggest(str(default), names),
             _line(root, loc),
         )
 
 
 def _issue_from_pydantic(err: Any, root: yaml.Node | None) -> ConfigIssue:
-    loc = tuple(p for p in err["loc"] if not _is_union_tag(p))
+    loc = tuple(p for p in err["loc"] if not _is_union_tag(p)) or tuple(err["loc"])
     line = _line(root, loc)
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
-        return ConfigIssue(_dotted(loc), f"unknown key {key!r}", _suggest_key(key, loc[:-1]), line)
+        return ConfigIssue(
+            _dotted(loc), f"unknown key {key!r}", hints.suggest_key(key, loc[:-1]), line
+        )
     if err["type"] == "missing":
         return ConfigIssue(_dotted(loc), "this key is required", f"add `{loc[-1]}:`", line)
     message = str(err["msg"]).removeprefix("Value error, ")
-    hint = _hint_for(loc) or _value_hint(loc, err.get("input"))
+    hint = hints.hint_for(loc) or hints.value_hint(loc, err.get("input"))
     return ConfigIssue(_dotted(loc), message, hint, line)
 
 
+_UNION_TAG = re.compile(r"[a-z][a-z_-]*\[.*\]|str|int", re.DOTALL)
+
+
 def _is_union_tag(part: object) -> bool:
-    # pydantic adds the union member it tried ("list[...]", "literal['cpu']") to error paths.
-    return isinstance(part, str) and ("[" in part or part in {"str", "int"})
-
-
-def _hint_for(loc: tuple[str | int, ...]) -> str:
-    hints = {
-        "devices": "write `devices: cpu` or a list of GPU indices such as `devices: [0, 1]`",
-        "dtype": "one of float32, bfloat16, float16, auto (float32 on CPU, bfloat16 on GPU)",
-        "hub": "one of local, modelscope, huggingface",
-        "max_memory": "map devices to sizes, e.g. `max_memory: {0: 22GiB, 1: 22GiB, cpu: 64GiB}`",
-        "memory_budget": "map devices to sizes, e.g. `memory_budget: {0: 22GiB, cpu: 16GiB}`",
-    }
-    for part in reversed(loc):
-        if isinstance(part, str) and part in hints:
-            return hints[part]
-    return ""
-
-
-def _value_hint(loc: tuple[str | int, ...], value: object) -> str:
-    """For a bad scalar: what the file says, and the default that leaving the key out gives."""
-    if not isinstance(value, (str, int, float, bool)):
-        return ""
-    given = f"the file says {json.dumps(value, ensure_ascii=False)}"
-    default = getattr(_field_at(loc), "default", None)
-    if isinstance(default, (str, int, float, bool)):
-        return f"{given}; leave the key out to get the default, {json.dumps(default)}"
-    return given
-
-
-def _field_at(loc: tuple[str | int, ...]) -> FieldInfo | None:
-    """The schema field a YAML path points at (keys of mappings such as `models:` skipped)."""
-    model: type[BaseModel] | None = Registry
-    field = None
-    skip_key = False
-    for part in loc:
-        if skip_key:
-            skip_key = False
-            continue
-        field = model.model_fields.get(str(part)) if model else None
-        if field is None:
-            return None
-        skip_key = getattr(field.annotation, "__origin__", None) is dict
-        model = _model_of(field.annotation)
-    return field
-
-
-def _suggest_key(key: str, parent: tuple[str | int, ...]) -> str:
-    known = _known_keys(parent)
-    if difflib.get_close_matches(key, known, n=1, cutoff=0.6):
-        return _suggest(key, known)
-    nested = [f"{k}.{sub}" for k in known for sub in _known_keys((*parent, k))]
-    close = difflib.get_close_matches(key, [n.split(".")[-1] for n in nested], n=1, cutoff=0.75)
-    if close:
-        return f"did you mean {next(n for n in nested if n.endswith('.' + close[0]))!r}?"
-    return _suggest(key, known)
-
-
-def _known_keys(loc: tuple[str | int, ...]) -> list[str]:
-    model: type[BaseModel] | None = Registry
-    skip_key = False
-    for part in loc:
-        if skip_key:  # a key of a mapping such as `models:`; its value has the model type
-            skip_key = False
-            continue
-        field = model.model_fields.get(str(part)) if model else None
-        if field is None:
-            return []
-        skip_key = getattr(field.annotation, "__origin__", None) is dict
-        model = _model_of(field.annotation)
-    return sorted(model.model_fields) if model and not skip_key else []
-
-
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        found = _model_of(arg)
-        if found is not None:
-            return found
-    return None
-
-
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    choices = sorted(choices)
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    if close:
-        return f"did you mean {close[0]!r}?"
-    return f"choose one of: {', '.join(choices)}" if choices else ""
+    # pydantic adds the union member it tried ("list[...]", "literal['cpu']") to error paths;
+    # a key of the file's own ("models:[x") is not one.
+    return isinstance(part, str) and _UNION_TAG.fullmatch(part) is not None
 
 
 def _dotted(loc: tuple[str | int, ...]) -> str:

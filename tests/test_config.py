@@ -14,7 +14,7 @@ from gateway.cli import main
 from gateway.config import RESERVED_NAMES, ModelEntry, parse_bytes
 from gateway.launcher import Backend, Progress
 from gateway.registry import ConfigError, ConfigIssue, load_registry, parse_registry
-from tests.support import ROOT
+from tests.support import ROOT, write_config
 
 
 def issues_of(text: str) -> list[ConfigIssue]:
@@ -431,10 +431,55 @@ def run_cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_check_passes_on_the_shipped_models_yaml_from_the_repo_root() -> None:
-    result = run_cli("check")
+def shipped_registry(directory: Path) -> Path:
+    """The shipped models.yaml beside a built demo model (what `make demo` leaves)."""
+    (directory / ".cache" / "demo-model").mkdir(parents=True)
+    (directory / "models.yaml").write_text((ROOT / "models.yaml").read_text())
+    return directory
+
+
+def test_check_passes_on_the_shipped_models_yaml_once_the_demo_is_built(tmp_path: Path) -> None:
+    result = run_cli("check", cwd=shipped_registry(tmp_path))
     assert result.returncode == 0, result.stderr
     assert result.stdout == "models.yaml: OK (3 models)\n"
+
+
+def test_check_fails_when_a_local_source_folder_does_not_exist(tmp_path: Path) -> None:
+    (tmp_path / "models.yaml").write_text((ROOT / "models.yaml").read_text())  # no demo built
+    result = run_cli("check", cwd=tmp_path)
+    assert result.returncode == 2
+    demo = tmp_path / ".cache" / "demo-model"
+    lines = (tmp_path / "models.yaml").read_text().splitlines()
+    line = next(n for n, text in enumerate(lines, 1) if "source: ./.cache/demo-model" in text)
+    assert f"models.yaml:{line}: models.demo.source: the folder {demo} does not exist" in (
+        result.stderr
+    )
+    assert "hint: fix the path" in result.stderr
+    file = tmp_path / "file"
+    file.write_text("")
+    config = write_config(tmp_path, f"models:\n  m:\n    source: {file}\n")
+    assert f"{file} is not a folder" in run_cli("check", "-c", str(config)).stderr
+
+
+def test_check_fails_for_remote_code_in_a_folder_whose_name_has_a_dot(tmp_path: Path) -> None:
+    (tmp_path / "org" / "my-model.v1").mkdir(parents=True)
+    config = write_config(
+        tmp_path,
+        """
+        models:
+          plain: {source: ./org/my-model.v1}
+          coded:
+            source: ./org/my-model.v1
+            trust_remote_code: true
+        """,
+    )
+    result = run_cli("check", "-c", str(config))
+    assert result.returncode == 2
+    assert "1 error" in result.stderr  # the same folder without remote code loads fine
+    assert "models.yaml:5: models.coded.source: the folder name 'my-model.v1' contains a dot" in (
+        result.stderr
+    )
+    assert "rename the folder, e.g. to 'my-model_v1'" in result.stderr
 
 
 def test_check_fails_listing_every_error_with_path_line_and_hint(tmp_path: Path) -> None:
@@ -496,9 +541,10 @@ def test_models_shows_a_remote_entry_by_its_url(
     ]
 
 
-def test_the_llm_gateway_script_is_installed_and_runs_check() -> None:
+def test_the_llm_gateway_script_is_installed_and_runs_check(tmp_path: Path) -> None:
     script = Path(sys.executable).with_name("llm-gateway")
-    result = subprocess.run([str(script), "check"], cwd=ROOT, capture_output=True, text=True)
+    directory = shipped_registry(tmp_path)
+    result = subprocess.run([str(script), "check"], cwd=directory, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "OK (3 models)" in result.stdout
 
@@ -506,3 +552,9 @@ def test_the_llm_gateway_script_is_installed_and_runs_check() -> None:
 def test_no_command_prints_usage_and_fails(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
     assert "usage: llm-gateway" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("key", ["'models:[x'", "'list[int]'", "'a]['"])
+def test_a_key_with_brackets_is_reported_as_an_unknown_key(key: str) -> None:
+    issues = issues_of(f"{key}: 1\nmodels: {{}}\n")
+    assert [i.message for i in issues] == [f"unknown key {key.strip(chr(39))!r}"]

@@ -120,9 +120,12 @@ def test_remote_code_from_a_moving_revision_is_warned_about() -> None:
     assert "revision 'v1'" in warned[1] and "commit hash" in warned[1]
 
 
-def test_check_warns_about_the_shipped_seed_entries_but_passes() -> None:
+def test_check_warns_about_the_shipped_seed_entries_but_passes(tmp_path: Path) -> None:
+    (tmp_path / ".cache" / "demo-model").mkdir(parents=True)  # as `make demo` leaves it
+    config = tmp_path / "models.yaml"
+    config.write_text((ROOT / "models.yaml").read_text())
     check = subprocess.run(
-        [sys.executable, "-m", "gateway", "check", "--config", str(ROOT / "models.yaml")],
+        [sys.executable, "-m", "gateway", "check", "--config", str(config)],
         capture_output=True, text=True, cwd=ROOT, check=False,
     )  # fmt: skip
     assert check.returncode == 0

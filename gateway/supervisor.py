@@ -29,7 +29,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +50,7 @@ CRASH_WINDOW_S = 60.0
 MAX_CRASHES = 3
 BACKOFF_START_S = 2.0
 BACKOFF_MAX_S = 300.0
+SHUTDOWN_GRACE_S = 15.0  # background stops are bounded (10 s grace): then they are cancelled
 TRANSIENT = frozenset({"no_room"})  # load failures that say nothing about the model itself
 
 
@@ -91,6 +92,7 @@ class Supervisor:
             lambda: self.registry.gateway, lambda: self.models.values(), self.take_out_of_service
         )
         self._closing = False
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -146,27 +148,66 @@ class Supervisor:
             self._unload_if_expired(runtime)
 
     async def _ready(self, runtime: ModelRuntime) -> Backend:
+        """The model's backend, started if need be, within `load_timeout_s`.
+
+        A load cancelled under its waiters decides what they get: a reload that changed
+        the entry means waiting for the new entry's load; the model's removal, 404; an
+        unload or shutdown, 503 to retry.
+        """
+        loop = asyncio.get_running_loop()
+        timeout = self.registry.gateway.load_timeout_s
+        deadline = loop.time() + timeout
+        while True:
+            self._check_serving(runtime)
+            if runtime.stop_task is not None:  # let a drain finish, then start afresh
+                await asyncio.wait({runtime.stop_task})
+                continue
+            if runtime.state == State.READY and runtime.backend is not None:
+                return runtime.backend
+            if runtime.state == State.FAILED and self.clock() < runtime.retry_at:
+                raise ModelUnavailable(
+                    f"model {runtime.name!r} failed to load: {runtime.last_error}",
+                    headers={"Retry-After": self._retry_after(runtime)},
+                )
+            entry = runtime.entry
+            task = self._start(runtime)
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+            if not done:
+                raise self._still_loading(runtime, timeout)
+            if not task.cancelled():
+                return self._outcome(runtime, task)
+            self._check_serving(runtime)
+            if runtime.entry is entry:
+                raise ModelUnavailable(
+                    f"model {runtime.name!r} was unloaded while it loaded; retry to load it",
+                    headers={"Retry-After": "1"},
+                )
+            # The entry changed under the load: wait for the new entry's load.
+
+    def _check_serving(self, runtime: ModelRuntime) -> None:
+        """Raise unless the gateway serves this runtime: closing is 503, removed is 404."""
         if self._closing:
             raise ModelUnavailable("the gateway is shutting down", headers={"Retry-After": "5"})
-        if runtime.stop_task is not None:  # let a drain finish, then start afresh
-            await asyncio.shield(runtime.stop_task)
-        if runtime.state == State.READY and runtime.backend is not None:
-            return runtime.backend
-        if runtime.state == State.FAILED and self.clock() < runtime.retry_at:
+        current = self.models.get(runtime.name)
+        if current is None:
+            raise ModelNotFound(f"model {runtime.name!r} was removed", param="model")
+        if current is not runtime:
             raise ModelUnavailable(
-                f"model {runtime.name!r} failed to load: {runtime.last_error}",
-                headers={"Retry-After": self._retry_after(runtime)},
+                f"model {runtime.name!r} was removed and added back; retry",
+                headers={"Retry-After": "1"},
             )
-        timeout = self.registry.gateway.load_timeout_s
+
+    def _still_loading(self, runtime: ModelRuntime, timeout: float) -> ModelUnavailable:
+        doing = f" ({runtime.progress['message']})" if runtime.progress else ""
+        return ModelUnavailable(
+            f"model {runtime.name!r} is still loading after {timeout:g}s{doing}; retry later",
+            code="load_timeout",
+            headers={"Retry-After": "10"},
+        )
+
+    def _outcome(self, runtime: ModelRuntime, task: asyncio.Task[Backend]) -> Backend:
         try:
-            return await asyncio.wait_for(asyncio.shield(self._start(runtime)), timeout)
-        except asyncio.TimeoutError:
-            doing = f" ({runtime.progress['message']})" if runtime.progress else ""
-            raise ModelUnavailable(
-                f"model {runtime.name!r} is still loading after {timeout:g}s{doing}; retry later",
-                code="load_timeout",
-                headers={"Retry-After": "10"},
-            ) from None
+            return task.result()
         except LoadFailed as exc:
             raise ModelUnavailable(
                 _about(runtime.name, exc.message),
@@ -207,6 +248,8 @@ class Supervisor:
         finally:
             runtime.start_task = None
         runtime.backend = backend
+        runtime.last_used = time.time()  # a load counts as a use: it is not idle since boot
+        runtime.last_used_mono = self.clock()
         runtime.load_seconds = self.clock() - started
         runtime.failures = 0
         runtime.last_error = None
@@ -239,7 +282,7 @@ class Supervisor:
             return  # a stop we asked for
         code = fut.result() if not fut.cancelled() else -1
         self._lost(runtime, f"the worker exited unexpectedly (code {code})")
-        asyncio.get_running_loop().create_task(backend.stop(1.0))
+        self._spawn(backend.stop(1.0), f"stop the exited worker of {runtime.name}")
 
     def _lost(self, runtime: ModelRuntime, message: str) -> None:
         """The worker is gone or useless: count it as a crash and take it out of service."""
@@ -270,8 +313,14 @@ class Supervisor:
 
     async def _stop(self, runtime: ModelRuntime, drain_timeout: float | None = None) -> None:
         """Drain and stop the model's backend; concurrent callers share one stop."""
+        await asyncio.shield(self._stopping(runtime, drain_timeout))
+
+    def _stopping(
+        self, runtime: ModelRuntime, drain_timeout: float | None = None
+    ) -> asyncio.Task[None]:
+        """The model's stop task, started unless one is under way."""
         if runtime.stop_task is None:
-            task = asyncio.create_task(self._drain_and_stop(runtime, drain_timeout))
+            task = self._spawn(self._drain_and_stop(runtime, drain_timeout), f"stop {runtime.name}")
             runtime.stop_task = task
 
             def forget(done: asyncio.Task[None]) -> None:
@@ -279,13 +328,12 @@ class Supervisor:
                     runtime.stop_task = None
 
             task.add_done_callback(forget)
-        await asyncio.shield(runtime.stop_task)
+        return runtime.stop_task
 
     async def _drain_and_stop(self, runtime: ModelRuntime, drain_timeout: float | None) -> None:
         if runtime.start_task is not None:
             runtime.start_task.cancel()
-            with contextlib.suppress(BaseException):
-                await runtime.start_task
+            await asyncio.wait({runtime.start_task})  # its waiters decide what they answer
         backend = runtime.backend
         if backend is None:
             if runtime.state != State.FAILED:
@@ -305,7 +353,7 @@ class Supervisor:
 
     def _unload_if_expired(self, runtime: ModelRuntime) -> None:
         if self._expired(runtime):
-            asyncio.get_running_loop().create_task(self._stop(runtime))
+            self._stopping(runtime)
 
     def _expired(self, runtime: ModelRuntime) -> bool:
         if runtime.state != State.READY or runtime.in_flight or runtime.entry.pinned:
@@ -363,43 +411,45 @@ class Supervisor:
         return report
 
     def _replace_entry(self, runtime: ModelRuntime, entry: ModelEntry) -> ModelRuntime:
-        if runtime.entry.limits != entry.limits:
-            runtime.admission = Admission(runtime.name, entry.limits)
+        runtime.admission.update(entry.limits)  # in place: admitted requests stay counted
         runtime.entry = entry
         runtime.retry_at = 0.0  # a new entry deserves a fresh try
         if runtime.state == State.FAILED:
             self._set_state(runtime, State.UNLOADED)
         if runtime.backend is not None or runtime.start_task is not None:
             # New requests wait for this drain (stop_task), then start the new entry.
-            asyncio.get_running_loop().create_task(self._stop(runtime))
+            self._stopping(runtime)
         return runtime
 
     def _retire(self, runtime: ModelRuntime) -> None:
         self._retiring.add(runtime)
-
-        async def stop_then_forget() -> None:
-            try:
-                await self._stop(runtime)
-            finally:
-                self._retiring.discard(runtime)
-
-        asyncio.get_running_loop().create_task(stop_then_forget())
+        self._stopping(runtime).add_done_callback(lambda _: self._retiring.discard(runtime))
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new requests; wait until none is in flight. False if the wait timed out."""
         self._closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(r.admission.running for r in self._all_runtimes()):
+        while True:
+            seen = self._changes.version
+            if not any(r.admission.running for r in self._all_runtimes()):
+                return True
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            await self._changes.wait(remaining)
-        return True
+            await self._changes.wait(seen, remaining)
 
     async def shutdown(self) -> None:
+        """Stop every model, then wait for (or, past a bound, cancel) all background work."""
         self._closing = True
         await asyncio.gather(*(self._stop(r) for r in self._all_runtimes()))
+        while self._background:
+            pending = set(self._background)
+            _, late = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_S)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late)
 
     async def take_out_of_service(self, runtime: ModelRuntime, reason: str) -> None:
         """Stop a worker that is alive but useless: its requests get 502, the next starts anew."""
@@ -410,6 +460,18 @@ class Supervisor:
         await backend.stop(0.0)
 
     # -- internals --------------------------------------------------------------------------
+
+    def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        """Run `work` in the background, kept until it ends (shutdown waits for it)."""
+        task = asyncio.get_running_loop().create_task(work, name=what)
+        self._background.add(task)
+        task.add_done_callback(self._background_done)
+        return task
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s failed", task.get_name(), exc_info=exc)
 
     def _runtime(self, name: str, entry: ModelEntry) -> ModelRuntime:
         return ModelRuntime(name=name, entry=entry, admission=Admission(name, entry.limits))

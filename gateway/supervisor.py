@@ -17,9 +17,15 @@ State table (one `ModelRuntime` per registry entry):
 A request takes a `lease`: the name resolves first (404), then admission (429 when the
 queue is full, 503 after queue_timeout_s), then the model is made ready (bounded by
 load_timeout_s), then the request runs with the model marked busy: a busy model is never
-evicted or unloaded under a request. Loads are placed one at a time: a load that does not
-fit its devices' budgets evicts least-recently-used idle models, waits for busy ones to
-drain, and is refused when it could never fit.
+evicted or unloaded under a request. Placements are planned one at a time: a load that
+does not fit its devices' budgets evicts least-recently-used idle models, waits for busy
+ones to drain, and is refused when it could never fit (gateway/residency.py).
+
+A load counts as a use (the idle clock starts when it is ready). A load cancelled under
+its waiters tells them why: a reload that changed the entry makes them wait for the new
+entry's load; the model's removal answers 404; an unload or shutdown answers 503 with
+Retry-After. A model keeps one runtime, one admission and one set of counts across
+reloads, so a drain accounts for every request admitted before a reload.
 """
 
 from __future__ import annotations
@@ -29,13 +35,14 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway import budget
 from gateway.admission import Admission
+from gateway.background import Background
 from gateway.config import ModelEntry, Registry
 from gateway.errors import ModelNotFound, ModelUnavailable, UpstreamFailed
 from gateway.events import EventBus
@@ -43,6 +50,7 @@ from gateway.launcher import Backend, Launcher, LoadFailed
 from gateway.prober import Prober
 from gateway.residency import Changes, Residency
 from gateway.runtime import Lease, ModelRuntime, State, describe
+from gateway.stopper import Stopper
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +88,12 @@ class Supervisor:
         }
         self._retiring: set[ModelRuntime] = set()
         self._changes = Changes()
+        self._background = Background()
+        self.stopper = Stopper(lambda: self.registry.gateway, self._set_state, self._background)
         self.residency = Residency(
             lambda: self.registry.gateway,
             self._all_runtimes,
-            self._stop,
+            self.stopper.stop,
             self._changes,
             self.events,
             clock,
@@ -92,7 +102,6 @@ class Supervisor:
             lambda: self.registry.gateway, lambda: self.models.values(), self.take_out_of_service
         )
         self._closing = False
-        self._background: set[asyncio.Task[None]] = set()
 
     # -- lookups ----------------------------------------------------------------------------
 
@@ -282,7 +291,7 @@ class Supervisor:
             return  # a stop we asked for
         code = fut.result() if not fut.cancelled() else -1
         self._lost(runtime, f"the worker exited unexpectedly (code {code})")
-        self._spawn(backend.stop(1.0), f"stop the exited worker of {runtime.name}")
+        self._background.spawn(backend.stop(1.0), f"stop the exited worker of {runtime.name}")
 
     def _lost(self, runtime: ModelRuntime, message: str) -> None:
         """The worker is gone or useless: count it as a crash and take it out of service."""
@@ -309,51 +318,13 @@ class Supervisor:
         await self._ready(runtime)
 
     async def unload(self, name: str, *, drain_timeout: float | None = None) -> None:
-        await self._stop(self.get(name), drain_timeout)
-
-    async def _stop(self, runtime: ModelRuntime, drain_timeout: float | None = None) -> None:
-        """Drain and stop the model's backend; concurrent callers share one stop."""
-        await asyncio.shield(self._stopping(runtime, drain_timeout))
-
-    def _stopping(
-        self, runtime: ModelRuntime, drain_timeout: float | None = None
-    ) -> asyncio.Task[None]:
-        """The model's stop task, started unless one is under way."""
-        if runtime.stop_task is None:
-            task = self._spawn(self._drain_and_stop(runtime, drain_timeout), f"stop {runtime.name}")
-            runtime.stop_task = task
-
-            def forget(done: asyncio.Task[None]) -> None:
-                if runtime.stop_task is done:
-                    runtime.stop_task = None
-
-            task.add_done_callback(forget)
-        return runtime.stop_task
-
-    async def _drain_and_stop(self, runtime: ModelRuntime, drain_timeout: float | None) -> None:
-        if runtime.start_task is not None:
-            runtime.start_task.cancel()
-            await asyncio.wait({runtime.start_task})  # its waiters decide what they answer
-        backend = runtime.backend
-        if backend is None:
-            if runtime.state != State.FAILED:
-                self._set_state(runtime, State.UNLOADED)
-            return
-        self._set_state(runtime, State.DRAINING)
-        timeout = self.registry.gateway.drain_timeout_s if drain_timeout is None else drain_timeout
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(runtime.idle.wait(), timeout)
-        runtime.backend = None
-        await backend.stop(10.0)
-        runtime.keep_alive_s = None
-        runtime.footprint = {}
-        self._set_state(runtime, State.UNLOADED)
+        await self.stopper.stop(self.get(name), drain_timeout)
 
     # -- idle unload ------------------------------------------------------------------------
 
     def _unload_if_expired(self, runtime: ModelRuntime) -> None:
         if self._expired(runtime):
-            self._stopping(runtime)
+            self.stopper.stopping(runtime)
 
     def _expired(self, runtime: ModelRuntime) -> bool:
         if runtime.state != State.READY or runtime.in_flight or runtime.entry.pinned:
@@ -373,7 +344,7 @@ class Supervisor:
     async def reap_idle(self) -> None:
         """Unload every model idle past its keep-alive (run periodically)."""
         expired = [r for r in self.models.values() if self._expired(r)]
-        await asyncio.gather(*(self._stop(r) for r in expired))
+        await asyncio.gather(*(self.stopper.stop(r) for r in expired))
 
     async def run_reaper(self, interval_s: float = 0.5) -> None:
         while True:
@@ -418,12 +389,12 @@ class Supervisor:
             self._set_state(runtime, State.UNLOADED)
         if runtime.backend is not None or runtime.start_task is not None:
             # New requests wait for this drain (stop_task), then start the new entry.
-            self._stopping(runtime)
+            self.stopper.stopping(runtime)
         return runtime
 
     def _retire(self, runtime: ModelRuntime) -> None:
         self._retiring.add(runtime)
-        self._stopping(runtime).add_done_callback(lambda _: self._retiring.discard(runtime))
+        self.stopper.stopping(runtime).add_done_callback(lambda _: self._retiring.discard(runtime))
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new requests; wait until none is in flight. False if the wait timed out."""
@@ -442,14 +413,8 @@ class Supervisor:
     async def shutdown(self) -> None:
         """Stop every model, then wait for (or, past a bound, cancel) all background work."""
         self._closing = True
-        await asyncio.gather(*(self._stop(r) for r in self._all_runtimes()))
-        while self._background:
-            pending = set(self._background)
-            _, late = await asyncio.wait(pending, timeout=SHUTDOWN_GRACE_S)
-            for task in late:
-                task.cancel()
-            if late:
-                await asyncio.wait(late)
+        await asyncio.gather(*(self.stopper.stop(r) for r in self._all_runtimes()))
+        await self._background.settle(SHUTDOWN_GRACE_S)
 
     async def take_out_of_service(self, runtime: ModelRuntime, reason: str) -> None:
         """Stop a worker that is alive but useless: its requests get 502, the next starts anew."""
@@ -460,18 +425,6 @@ class Supervisor:
         await backend.stop(0.0)
 
     # -- internals --------------------------------------------------------------------------
-
-    def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
-        """Run `work` in the background, kept until it ends (shutdown waits for it)."""
-        task = asyncio.get_running_loop().create_task(work, name=what)
-        self._background.add(task)
-        task.add_done_callback(self._background_done)
-        return task
-
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        self._background.discard(task)
-        if not task.cancelled() and (exc := task.exception()) is not None:
-            log.error("%s failed", task.get_name(), exc_info=exc)
 
     def _runtime(self, name: str, entry: ModelEntry) -> ModelRuntime:
         return ModelRuntime(name=name, entry=entry, admission=Admission(name, entry.limits))

@@ -31,7 +31,6 @@ reloads, so a drain accounts for every request admitted before a reload.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -138,8 +137,7 @@ class Supervisor:
                 except UpstreamFailed:
                     # The connection broke: if the process is going, let its exit be handled
                     # before this error is answered, so the next request starts a fresh worker.
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(backend.exited), 1.0)
+                    await asyncio.wait({backend.exited}, timeout=1.0)
                     raise
                 finally:
                     self._release(runtime, keep_alive)

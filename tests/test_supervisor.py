@@ -414,3 +414,18 @@ async def test_a_request_queued_for_a_removed_model_gets_404_and_starts_no_worke
         await queued
     await asyncio.sleep(0.01)
     assert launcher.launches == ["a"] and launcher.alive() == []
+
+
+async def test_a_load_whose_waiter_gave_up_is_not_reaped_as_idle_since_boot(
+    launcher: FakeLauncher, clock: Clock
+) -> None:
+    launcher.delay = 0.2
+    text = "gateway: {idle_unload_s: 60, load_timeout_s: 0.05}\nmodels: {a: {source: /a}}"
+    supervisor = Supervisor(registry(text), launcher, clock=clock)
+    with supervisor.events.subscribe() as queue:
+        with pytest.raises(ModelUnavailable, match="still loading"):
+            await use(supervisor, "a")
+        while (await queue.get()).get("state") != "ready":  # it loads on without its waiter
+            pass
+    await supervisor.reap_idle()
+    assert launcher.alive() == ["a"]

@@ -166,8 +166,9 @@ class Supervisor:
         deadline = loop.time() + timeout
         while True:
             self._check_serving(runtime)
-            if runtime.stop_task is not None:  # let a drain finish, then start afresh
-                await asyncio.wait({runtime.stop_task})
+            stopping = runtime.stop_task
+            if stopping is not None and not stopping.done():  # let a drain finish first
+                await asyncio.wait({stopping})
                 continue
             if runtime.state == State.READY and runtime.backend is not None:
                 return runtime.backend

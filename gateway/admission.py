@@ -4,6 +4,10 @@ At most `max_concurrency` requests of a model run at once; at most `max_queue` m
 first come first served. A request that finds the queue full is refused at once (429 with
 Retry-After); one that waits longer than `queue_timeout_s` gets 503. Every admitted
 request either runs or receives one of those errors: none is dropped.
+
+A model has one `Admission` for its whole life: a reload that changes its limits updates
+it in place, so the requests admitted before the reload are still counted (by the drain at
+shutdown, and against the concurrency limit).
 """
 
 from __future__ import annotations
@@ -64,10 +68,22 @@ class Admission:
                 headers={"Retry-After": "5"},
             ) from None
 
+    def update(self, limits: Limits) -> None:
+        """New limits for new requests; those already admitted stay counted here.
+
+        A lower `max_concurrency` lets running requests finish and admits no one until
+        fewer than the new limit run; a higher one admits queued requests at once.
+        """
+        self.limits = limits
+        self._grant()
+
     def _release(self) -> None:
-        while self._waiters:
+        self.running -= 1
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiters and self.running < self.limits.max_concurrency:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # the permit moves to the waiter; running is unchanged
-                return
-        self.running -= 1
+                self.running += 1
+                waiter.set_result(None)

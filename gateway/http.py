@@ -16,6 +16,7 @@ from gateway.errors import (
     BadRequest,
     ClientClosed,
     GatewayError,
+    ModelUnavailable,
     UnsupportedMediaType,
     error_for_status,
 )
@@ -116,15 +117,36 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Run `work`; if the client disconnects first, cancel it and raise `ClientClosed`."""
+    """Run `work`; if the client disconnects first, cancel it and raise `ClientClosed`.
+
+    Only the watcher seeing `http.disconnect` means the client left. Work cancelled from
+    inside the gateway (a stop, a shutdown) is answered as a 503 to retry, never as 499.
+    Both tasks are cancelled and awaited before this returns, on every path.
+    """
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.done() and not task.cancelled():
+        await _cancel_and_wait(task, watcher)
+    left = watcher.done() and not watcher.cancelled() and watcher.exception() is None
+    if not task.cancelled() and (task.exception() is None or not left):
         return task.result()
-    raise ClientClosed("the client closed the connection")
+    if left:
+        raise ClientClosed("the client closed the connection")
+    raise ModelUnavailable(
+        "the request was cancelled inside the gateway before it finished; retry",
+        headers={"Retry-After": "1"},
+    )
+
+
+async def _cancel_and_wait(*tasks: asyncio.Future[Any]) -> None:
+    """Cancel what is still running and wait until all of it has unwound."""
+    for task in tasks:
+        task.cancel()
+    try:
+        await asyncio.wait(tasks)
+    except asyncio.CancelledError:
+        # Cancelled again while unwinding: still let the tasks finish, then pass it on.
+        await asyncio.wait(tasks)
+        raise

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 
 from gateway.config import GatewaySettings
+from gateway.launcher import Backend
 from gateway.runtime import ModelRuntime, State
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,9 @@ class Prober:
         self.settings = settings
         self.runtimes = runtimes
         self.replace = replace
-        self.failures: dict[str, int] = {}
+        # Failed probes in a row, per worker: a replacement starts from zero, and workers
+        # no longer ready are forgotten at the next round.
+        self.failures: dict[Backend, int] = {}
 
     async def run(self) -> None:
         while True:
@@ -37,23 +40,26 @@ class Prober:
             await self.probe_all()
 
     async def probe_all(self) -> None:
-        ready = [r for r in self.runtimes() if r.state == State.READY and r.backend]
-        results = await asyncio.gather(*(self._probe(r) for r in ready))
-        for runtime, ok in zip(ready, results, strict=True):
-            count = 0 if ok else self.failures.get(runtime.name, 0) + 1
-            self.failures[runtime.name] = count
-            if count >= self.settings().probe_failures:
-                self.failures[runtime.name] = 0
-                log.error("the worker of %s stopped answering its health probe", runtime.name)
-                await self.replace(runtime, "the worker stopped answering its health probe")
+        probed = [(r, r.backend) for r in self.runtimes() if r.state == State.READY and r.backend]
+        results = await asyncio.gather(*(self._probe(b) for _, b in probed if b is not None))
+        failures: dict[Backend, int] = {}
+        for (runtime, backend), ok in zip(probed, results, strict=True):
+            if backend is None or runtime.backend is not backend:
+                continue  # replaced while it was probed: the verdict is about a gone worker
+            count = 0 if ok else self.failures.get(backend, 0) + 1
+            if count < self.settings().probe_failures:
+                failures[backend] = count
+                continue
+            log.error("the worker of %s stopped answering its health probe", runtime.name)
+            await self.replace(runtime, "the worker stopped answering its health probe")
+        self.failures = failures
 
-    async def _probe(self, runtime: ModelRuntime) -> bool:
-        backend = runtime.backend
-        if backend is None or backend.pid is None:
+    async def _probe(self, backend: Backend) -> bool:
+        if backend.pid is None:
             return True
         try:
             await backend.upstream.get("/health", timeout=self.settings().probe_interval_s)
         except Exception as exc:
-            log.warning("health probe of %s failed: %s", runtime.name, exc)
+            log.warning("health probe of %s failed: %s", backend.upstream.label, exc)
             return False
         return True

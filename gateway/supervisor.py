@@ -17,15 +17,20 @@ State table (one `ModelRuntime` per registry entry):
 A request takes a `lease`: the name resolves first (404), then admission (429 when the
 queue is full, 503 after queue_timeout_s), then the model is made ready (bounded by
 load_timeout_s), then the request runs with the model marked busy: a busy model is never
-evicted or unloaded under a request. Loads are placed one at a time: a load that does not
-fit its devices' budgets evicts least-recently-used idle models, waits for busy ones to
-drain, and is refused when it could never fit.
+evicted or unloaded under a request. Placements are planned one at a time: a load that
+does not fit its devices' budgets evicts least-recently-used idle models, waits for busy
+ones to drain, and is refused when it could never fit (gateway/residency.py).
+
+A load counts as a use (the idle clock starts when it is ready). A load cancelled under
+its waiters tells them why: a reload that changed the entry makes them wait for the new
+entry's load; the model's removal answers 404; an unload or shutdown answers 503 with
+Retry-After. A model keeps one runtime, one admission and one set of counts across
+reloads, so a drain accounts for every request admitted before a reload.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -36,6 +41,7 @@ from typing import Any
 
 from gateway import budget
 from gateway.admission import Admission
+from gateway.background import Background
 from gateway.config import ModelEntry, Registry
 from gateway.errors import ModelNotFound, ModelUnavailable, UpstreamFailed
 from gateway.events import EventBus
@@ -43,6 +49,7 @@ from gateway.launcher import Backend, Launcher, LoadFailed
 from gateway.prober import Prober
 from gateway.residency import Changes, Residency
 from gateway.runtime import Lease, ModelRuntime, State, describe
+from gateway.stopper import Stopper
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +57,7 @@ CRASH_WINDOW_S = 60.0
 MAX_CRASHES = 3
 BACKOFF_START_S = 2.0
 BACKOFF_MAX_S = 300.0
+SHUTDOWN_GRACE_S = 15.0  # background stops are bounded (10 s grace): then they are cancelled
 TRANSIENT = frozenset({"no_room"})  # load failures that say nothing about the model itself
 
 
@@ -79,10 +87,12 @@ class Supervisor:
         }
         self._retiring: set[ModelRuntime] = set()
         self._changes = Changes()
+        self._background = Background()
+        self.stopper = Stopper(lambda: self.registry.gateway, self._set_state, self._background)
         self.residency = Residency(
             lambda: self.registry.gateway,
             self._all_runtimes,
-            self._stop,
+            self.stopper.stop,
             self._changes,
             self.events,
             clock,
@@ -127,8 +137,7 @@ class Supervisor:
                 except UpstreamFailed:
                     # The connection broke: if the process is going, let its exit be handled
                     # before this error is answered, so the next request starts a fresh worker.
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(backend.exited), 1.0)
+                    await asyncio.wait({backend.exited}, timeout=1.0)
                     raise
                 finally:
                     self._release(runtime, keep_alive)
@@ -146,27 +155,67 @@ class Supervisor:
             self._unload_if_expired(runtime)
 
     async def _ready(self, runtime: ModelRuntime) -> Backend:
+        """The model's backend, started if need be, within `load_timeout_s`.
+
+        A load cancelled under its waiters decides what they get: a reload that changed
+        the entry means waiting for the new entry's load; the model's removal, 404; an
+        unload or shutdown, 503 to retry.
+        """
+        loop = asyncio.get_running_loop()
+        timeout = self.registry.gateway.load_timeout_s
+        deadline = loop.time() + timeout
+        while True:
+            self._check_serving(runtime)
+            stopping = runtime.stop_task
+            if stopping is not None and not stopping.done():  # let a drain finish first
+                await asyncio.wait({stopping})
+                continue
+            if runtime.state == State.READY and runtime.backend is not None:
+                return runtime.backend
+            if runtime.state == State.FAILED and self.clock() < runtime.retry_at:
+                raise ModelUnavailable(
+                    f"model {runtime.name!r} failed to load: {runtime.last_error}",
+                    headers={"Retry-After": self._retry_after(runtime)},
+                )
+            entry = runtime.entry
+            task = self._start(runtime)
+            done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
+            if not done:
+                raise self._still_loading(runtime, timeout)
+            if not task.cancelled():
+                return self._outcome(runtime, task)
+            self._check_serving(runtime)
+            if runtime.entry is entry:
+                raise ModelUnavailable(
+                    f"model {runtime.name!r} was unloaded while it loaded; retry to load it",
+                    headers={"Retry-After": "1"},
+                )
+            # The entry changed under the load: wait for the new entry's load.
+
+    def _check_serving(self, runtime: ModelRuntime) -> None:
+        """Raise unless the gateway serves this runtime: closing is 503, removed is 404."""
         if self._closing:
             raise ModelUnavailable("the gateway is shutting down", headers={"Retry-After": "5"})
-        if runtime.stop_task is not None:  # let a drain finish, then start afresh
-            await asyncio.shield(runtime.stop_task)
-        if runtime.state == State.READY and runtime.backend is not None:
-            return runtime.backend
-        if runtime.state == State.FAILED and self.clock() < runtime.retry_at:
+        current = self.models.get(runtime.name)
+        if current is None:
+            raise ModelNotFound(f"model {runtime.name!r} was removed", param="model")
+        if current is not runtime:
             raise ModelUnavailable(
-                f"model {runtime.name!r} failed to load: {runtime.last_error}",
-                headers={"Retry-After": self._retry_after(runtime)},
+                f"model {runtime.name!r} was removed and added back; retry",
+                headers={"Retry-After": "1"},
             )
-        timeout = self.registry.gateway.load_timeout_s
+
+    def _still_loading(self, runtime: ModelRuntime, timeout: float) -> ModelUnavailable:
+        doing = f" ({runtime.progress['message']})" if runtime.progress else ""
+        return ModelUnavailable(
+            f"model {runtime.name!r} is still loading after {timeout:g}s{doing}; retry later",
+            code="load_timeout",
+            headers={"Retry-After": "10"},
+        )
+
+    def _outcome(self, runtime: ModelRuntime, task: asyncio.Task[Backend]) -> Backend:
         try:
-            return await asyncio.wait_for(asyncio.shield(self._start(runtime)), timeout)
-        except asyncio.TimeoutError:
-            doing = f" ({runtime.progress['message']})" if runtime.progress else ""
-            raise ModelUnavailable(
-                f"model {runtime.name!r} is still loading after {timeout:g}s{doing}; retry later",
-                code="load_timeout",
-                headers={"Retry-After": "10"},
-            ) from None
+            return task.result()
         except LoadFailed as exc:
             raise ModelUnavailable(
                 _about(runtime.name, exc.message),
@@ -207,6 +256,8 @@ class Supervisor:
         finally:
             runtime.start_task = None
         runtime.backend = backend
+        runtime.last_used = time.time()  # a load counts as a use: it is not idle since boot
+        runtime.last_used_mono = self.clock()
         runtime.load_seconds = self.clock() - started
         runtime.failures = 0
         runtime.last_error = None
@@ -239,7 +290,7 @@ class Supervisor:
             return  # a stop we asked for
         code = fut.result() if not fut.cancelled() else -1
         self._lost(runtime, f"the worker exited unexpectedly (code {code})")
-        asyncio.get_running_loop().create_task(backend.stop(1.0))
+        self._background.spawn(backend.stop(1.0), f"stop the exited worker of {runtime.name}")
 
     def _lost(self, runtime: ModelRuntime, message: str) -> None:
         """The worker is gone or useless: count it as a crash and take it out of service."""
@@ -266,46 +317,13 @@ class Supervisor:
         await self._ready(runtime)
 
     async def unload(self, name: str, *, drain_timeout: float | None = None) -> None:
-        await self._stop(self.get(name), drain_timeout)
-
-    async def _stop(self, runtime: ModelRuntime, drain_timeout: float | None = None) -> None:
-        """Drain and stop the model's backend; concurrent callers share one stop."""
-        if runtime.stop_task is None:
-            task = asyncio.create_task(self._drain_and_stop(runtime, drain_timeout))
-            runtime.stop_task = task
-
-            def forget(done: asyncio.Task[None]) -> None:
-                if runtime.stop_task is done:
-                    runtime.stop_task = None
-
-            task.add_done_callback(forget)
-        await asyncio.shield(runtime.stop_task)
-
-    async def _drain_and_stop(self, runtime: ModelRuntime, drain_timeout: float | None) -> None:
-        if runtime.start_task is not None:
-            runtime.start_task.cancel()
-            with contextlib.suppress(BaseException):
-                await runtime.start_task
-        backend = runtime.backend
-        if backend is None:
-            if runtime.state != State.FAILED:
-                self._set_state(runtime, State.UNLOADED)
-            return
-        self._set_state(runtime, State.DRAINING)
-        timeout = self.registry.gateway.drain_timeout_s if drain_timeout is None else drain_timeout
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(runtime.idle.wait(), timeout)
-        runtime.backend = None
-        await backend.stop(10.0)
-        runtime.keep_alive_s = None
-        runtime.footprint = {}
-        self._set_state(runtime, State.UNLOADED)
+        await self.stopper.stop(self.get(name), drain_timeout)
 
     # -- idle unload ------------------------------------------------------------------------
 
     def _unload_if_expired(self, runtime: ModelRuntime) -> None:
         if self._expired(runtime):
-            asyncio.get_running_loop().create_task(self._stop(runtime))
+            self.stopper.stopping(runtime)
 
     def _expired(self, runtime: ModelRuntime) -> bool:
         if runtime.state != State.READY or runtime.in_flight or runtime.entry.pinned:
@@ -325,7 +343,7 @@ class Supervisor:
     async def reap_idle(self) -> None:
         """Unload every model idle past its keep-alive (run periodically)."""
         expired = [r for r in self.models.values() if self._expired(r)]
-        await asyncio.gather(*(self._stop(r) for r in expired))
+        await asyncio.gather(*(self.stopper.stop(r) for r in expired))
 
     async def run_reaper(self, interval_s: float = 0.5) -> None:
         while True:
@@ -363,43 +381,39 @@ class Supervisor:
         return report
 
     def _replace_entry(self, runtime: ModelRuntime, entry: ModelEntry) -> ModelRuntime:
-        if runtime.entry.limits != entry.limits:
-            runtime.admission = Admission(runtime.name, entry.limits)
+        runtime.admission.update(entry.limits)  # in place: admitted requests stay counted
         runtime.entry = entry
         runtime.retry_at = 0.0  # a new entry deserves a fresh try
         if runtime.state == State.FAILED:
             self._set_state(runtime, State.UNLOADED)
         if runtime.backend is not None or runtime.start_task is not None:
             # New requests wait for this drain (stop_task), then start the new entry.
-            asyncio.get_running_loop().create_task(self._stop(runtime))
+            self.stopper.stopping(runtime)
         return runtime
 
     def _retire(self, runtime: ModelRuntime) -> None:
         self._retiring.add(runtime)
-
-        async def stop_then_forget() -> None:
-            try:
-                await self._stop(runtime)
-            finally:
-                self._retiring.discard(runtime)
-
-        asyncio.get_running_loop().create_task(stop_then_forget())
+        self.stopper.stopping(runtime).add_done_callback(lambda _: self._retiring.discard(runtime))
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new requests; wait until none is in flight. False if the wait timed out."""
         self._closing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while any(r.admission.running for r in self._all_runtimes()):
+        while True:
+            seen = self._changes.version
+            if not any(r.admission.running for r in self._all_runtimes()):
+                return True
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
-            await self._changes.wait(remaining)
-        return True
+            await self._changes.wait(seen, remaining)
 
     async def shutdown(self) -> None:
+        """Stop every model, then wait for (or, past a bound, cancel) all background work."""
         self._closing = True
-        await asyncio.gather(*(self._stop(r) for r in self._all_runtimes()))
+        await asyncio.gather(*(self.stopper.stop(r) for r in self._all_runtimes()))
+        await self._background.settle(SHUTDOWN_GRACE_S)
 
     async def take_out_of_service(self, runtime: ModelRuntime, reason: str) -> None:
         """Stop a worker that is alive but useless: its requests get 502, the next starts anew."""

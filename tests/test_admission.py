@@ -90,3 +90,42 @@ async def test_a_cancelled_waiter_leaves_the_queue_without_leaking_a_slot() -> N
     gate.set()
     await holder
     assert admission.running == 0
+
+
+async def test_raising_max_concurrency_admits_queued_requests_at_once() -> None:
+    admission = Admission("m", Limits(max_concurrency=1, max_queue=5))
+    gate = asyncio.Event()
+    hold = holding(admission, gate)
+    tasks = [asyncio.create_task(hold()) for _ in range(3)]
+    await asyncio.sleep(0.01)
+    assert (admission.running, admission.waiting) == (1, 2)
+    admission.update(Limits(max_concurrency=3, max_queue=5))
+    await asyncio.sleep(0.01)
+    assert (admission.running, admission.waiting) == (3, 0)
+    gate.set()
+    await asyncio.gather(*tasks)
+    assert admission.running == 0
+
+
+async def test_lowering_max_concurrency_lets_running_requests_finish_admitting_none_past_it() -> (
+    None
+):
+    admission = Admission("m", Limits(max_concurrency=2, max_queue=5))
+    gates = [asyncio.Event() for _ in range(3)]
+
+    async def request(gate: asyncio.Event) -> None:
+        async with admission.permit():
+            await gate.wait()
+
+    tasks = [asyncio.create_task(request(g)) for g in gates]
+    await asyncio.sleep(0.01)
+    admission.update(Limits(max_concurrency=1, max_queue=5))
+    gates[0].set()  # one of two running ends: still one running, at the new limit
+    await asyncio.sleep(0.01)
+    assert (admission.running, admission.waiting) == (1, 1)
+    gates[1].set()
+    await asyncio.sleep(0.01)
+    assert (admission.running, admission.waiting) == (1, 0)
+    gates[2].set()
+    await asyncio.gather(*tasks)
+    assert admission.running == 0

@@ -258,3 +258,66 @@ def test_admin_reload_and_sighup_apply_the_file(reloading: tuple[Gateway, Path])
     config.write_text(text)
     gw.process.send_signal(signal.SIGHUP)
     assert wait_until(lambda: default() == "a")
+
+
+def racing(tiny_model: Path, tiny_model_b: Path, tokens: int, with_b: bool = True) -> str:
+    b = f"  b: {{source: {tiny_model_b}}}\n" if with_b else ""
+    return (
+        "gateway: {watch_config: false}\nmodels:\n"
+        f"  a: {{source: {tiny_model}, generation: {{max_new_tokens: {tokens}}}}}\n{b}"
+    )
+
+
+def test_requests_waiting_for_loads_through_a_reload_race_are_served_or_404_never_499(
+    tiny_model: Path, tiny_model_b: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, racing(tiny_model, tiny_model_b, 3))
+    with Gateway(config) as gw, ThreadPoolExecutor(32) as pool:
+
+        def ask_a() -> httpx.Response:
+            return gw.post("/a", {"prompt": "hello"})
+
+        a_replies = [pool.submit(ask_a) for _ in range(8)]
+        b_replies = [pool.submit(ask, gw, "b", 2) for _ in range(4)]
+        assert wait_until(lambda: {c["state"] for c in gw.models().values()} == {"starting"})
+        for i in range(16):  # each rewrite changes a (and the first removes b) while it loads
+            config.write_text(racing(tiny_model, tiny_model_b, 4 + i % 2, with_b=False))
+            assert gw.client.post("/admin/reload").json()["applied"] is True
+            a_replies.append(pool.submit(ask_a))
+            time.sleep(0.2)
+        config.write_text(racing(tiny_model, tiny_model_b, 3, with_b=False))
+        assert gw.client.post("/admin/reload").json()["changed"] == ["a"]
+        a_done = [f.result(timeout=120) for f in a_replies]
+        b_done = [f.result(timeout=120) for f in b_replies]
+    assert [r.status_code for r in b_done] == [404] * 4
+    assert [r.status_code for r in a_done] == [200] * len(a_done)
+    assert {r.json()["usage"]["completion_tokens"] for r in a_done} == {3}  # the last entry
+
+
+def test_requests_waiting_for_a_load_that_is_unloaded_get_503_with_retry_after(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path, f"models:\n  a:\n    source: {tiny_model}\n")
+    with Gateway(config) as gw, ThreadPoolExecutor(4) as pool:
+        waiting = [pool.submit(ask, gw, "a") for _ in range(3)]
+        waiting.append(pool.submit(gw.client.post, "/admin/models/a/load"))
+        assert wait_until(lambda: gw.models()["a"]["state"] == "starting")
+        assert gw.client.post("/admin/models/a/unload").json()["state"] == "unloaded"
+        replies = [f.result(timeout=60) for f in waiting]
+        assert [r.status_code for r in replies] == [503] * 4
+        assert all(int(r.headers["Retry-After"]) >= 1 for r in replies)
+        assert all("unloaded while it loaded" in r.json()["error"]["message"] for r in replies)
+        assert ask(gw, "a").status_code == 200  # and the next request loads it
+
+
+def test_a_model_loaded_by_the_admin_api_stays_past_the_first_reaper_pass(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path, f"models:\n  a:\n    source: {tiny_model}\n    idle_unload_s: 4\n"
+    )
+    with Gateway(config) as gw:
+        assert gw.client.post("/admin/models/a/load").json()["state"] == "ready"
+        time.sleep(1.5)  # three reaper passes (every 0.5 s), well within idle_unload_s
+        assert gw.models()["a"]["state"] == "ready" and len(gw.workers()) == 1
+        assert wait_until(lambda: gw.models()["a"]["state"] == "unloaded", timeout=20)

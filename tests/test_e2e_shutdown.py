@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
+import textwrap
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -91,4 +95,62 @@ def test_sigterm_drains_in_flight_requests_refuses_new_ones_then_stops_workers(
         assert [r.status_code for r in replies] == [200, 200]  # finished, not cut
         assert gateway.process.wait(60) in (0, -signal.SIGTERM)
         assert not any(alive(pid) for pid in workers)
+    assert "drain complete" in gateway.log.read_text()
+
+
+def test_sigterm_after_a_reload_that_changed_limits_still_drains_every_stream(
+    faulty_model: Path, tmp_path: Path
+) -> None:
+    fault = tmp_path / "fault"
+
+    def text(concurrency: int) -> str:
+        return f"""
+        gateway: {{drain_timeout_s: 60, watch_config: false}}
+        models:
+          a:
+            source: {faulty_model}
+            trust_remote_code: true
+            env: {{LLMGW_TEST_FAULT_FILE: "{fault}"}}
+            limits: {{max_concurrency: {concurrency}}}
+        """
+
+    config = write_config(tmp_path, text(4))
+    gateway = Gateway(config)
+    body = {"prompt": "long", "max_length": 60, "stream": True}
+    held = threading.Event()
+
+    def stream() -> list[str]:
+        events = []
+        with (
+            httpx.Client(base_url=gateway.url, timeout=120) as client,
+            client.stream("POST", "/a", json=body) as reply,
+        ):
+            for line in reply.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    if not held.is_set():
+                        held.set()
+                        fault.write_text("hang")  # hold every stream, once
+        return events
+
+    with gateway, ThreadPoolExecutor(2) as pool:
+        assert gateway.post("/a", {"prompt": "warm", "max_length": 1}).status_code == 200
+        streams = [pool.submit(stream) for _ in range(2)]
+        assert wait_until(lambda: gateway.models()["a"]["in_flight"] == 2, timeout=30)
+        assert held.wait(30)
+        config.write_text(textwrap.dedent(text(8)))
+        assert gateway.client.post("/admin/reload").json()["changed"] == ["a"]
+        gateway.process.send_signal(signal.SIGTERM)
+        assert wait_until(lambda: gateway.client.get("/ready").status_code == 503, timeout=10)
+        # Longer than the server's own 5 s grace for open connections after the drain:
+        # a drain that lost count of these streams would let the server cut them now.
+        time.sleep(6)
+        assert gateway.process.poll() is None
+        fault.unlink()
+        events = [f.result(timeout=120) for f in streams]
+        assert gateway.process.wait(60) in (0, -signal.SIGTERM)
+    for one in events:
+        assert one[-1] == "[DONE]"
+        reply = json.loads(one[-2])
+        assert "error" not in reply and reply["response"]
     assert "drain complete" in gateway.log.read_text()

@@ -3,68 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 
-from gateway.config import ModelEntry, Registry
-from gateway.errors import ModelNotFound, ModelUnavailable
-from gateway.launcher import LoadFailed, Progress
+from gateway.config import Registry
+from gateway.errors import ModelNotFound, ModelUnavailable, RateLimited
 from gateway.registry import parse_registry
 from gateway.supervisor import Supervisor
-from gateway.upstream import Upstream
-
-
-class FakeBackend:
-    def __init__(self, name: str, pid: int, weights: int) -> None:
-        self.name = name
-        self.pid: int | None = pid
-        self.upstream = Upstream("http://fake", label=name)
-        self.runtime: dict[str, Any] = {"memory": {"weights_bytes": weights}}
-        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.stopped = False
-
-    @property
-    def exited(self) -> asyncio.Future[int]:
-        return self._exited
-
-    async def stop(self, grace_s: float) -> None:
-        self.stopped = True
-        if not self._exited.done():
-            self._exited.set_result(0)
-
-    def crash(self, code: int = -9) -> None:
-        self._exited.set_result(code)
-
-
-class FakeLauncher:
-    def __init__(self) -> None:
-        self.launches: list[str] = []
-        self.backends: dict[str, FakeBackend] = {}
-        self.fail: dict[str, str] = {}
-        self.delay = 0.0
-        self.weights = 100
-
-    async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> FakeBackend:
-        self.launches.append(name)
-        on_progress({"event": "progress", "stage": "load", "message": "loading"})
-        await asyncio.sleep(self.delay)
-        if name in self.fail:
-            raise LoadFailed("load_error", self.fail[name])
-        backend = FakeBackend(name, 1000 + len(self.launches), self.weights)
-        self.backends[name] = backend
-        return backend
-
-    def alive(self) -> list[str]:
-        return sorted(n for n, b in self.backends.items() if not b.exited.done())
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.fakes import Clock, FakeLauncher, others_pending
 
 
 def registry(text: str) -> Registry:
@@ -299,3 +245,187 @@ async def test_lifecycle_events_are_published(launcher: FakeLauncher) -> None:
     states = [e["state"] for e in events if e["type"] == "state"]
     assert states == ["starting", "ready", "draining", "unloaded"]
     assert any(e["type"] == "progress" and e["stage"] == "load" for e in events)
+
+
+# -- a load counts as a use ------------------------------------------------------------------
+
+
+async def test_a_model_loaded_by_the_admin_api_is_not_reaped_as_idle_since_boot(
+    launcher: FakeLauncher, clock: Clock
+) -> None:
+    text = "gateway: {idle_unload_s: 60}\nmodels: {a: {source: /a}}"
+    supervisor = Supervisor(registry(text), launcher, clock=clock)
+    await supervisor.load("a")
+    await supervisor.reap_idle()
+    assert launcher.alive() == ["a"]
+    clock.now += 60
+    await supervisor.reap_idle()
+    assert launcher.alive() == []
+
+
+async def test_a_model_loaded_by_the_admin_api_is_not_the_first_to_be_evicted(
+    launcher: FakeLauncher, clock: Clock
+) -> None:
+    text = """
+gateway: {memory_budget: {cpu: 250}}
+models:
+  a: {source: /a, memory_bytes: 100}
+  b: {source: /b, memory_bytes: 100}
+  c: {source: /c, memory_bytes: 100}
+"""
+    supervisor = Supervisor(registry(text), launcher, clock=clock)
+    await use(supervisor, "a")
+    clock.now += 1
+    await supervisor.load("b")  # used after a: a is the least recently used
+    clock.now += 1
+    await use(supervisor, "c")
+    assert launcher.alive() == ["b", "c"]
+
+
+# -- a cancelled load: what its waiters get --------------------------------------------------
+
+
+def waiters(supervisor: Supervisor, name: str, count: int = 3) -> list[asyncio.Task[None]]:
+    tasks = [asyncio.create_task(use(supervisor, name)) for _ in range(count)]
+    return [*tasks, asyncio.create_task(supervisor.load(name))]
+
+
+async def test_waiters_of_a_load_cancelled_by_unload_get_503_with_retry_after(
+    launcher: FakeLauncher,
+) -> None:
+    launcher.delay = 1.0
+    supervisor = Supervisor(registry("models: {a: {source: /a}}"), launcher)
+    pending = waiters(supervisor, "a")
+    await asyncio.sleep(0.05)
+    await supervisor.unload("a")
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert all(isinstance(r, ModelUnavailable) for r in results), results
+    assert all(
+        int(r.headers["Retry-After"]) >= 1 for r in results if isinstance(r, ModelUnavailable)
+    )
+
+
+async def test_waiters_of_a_load_cancelled_by_shutdown_get_503_with_retry_after(
+    launcher: FakeLauncher,
+) -> None:
+    launcher.delay = 1.0
+    supervisor = Supervisor(registry("models: {a: {source: /a}}"), launcher)
+    pending = waiters(supervisor, "a")
+    await asyncio.sleep(0.05)
+    await supervisor.shutdown()
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert all(isinstance(r, ModelUnavailable) for r in results), results
+    assert all("shutting down" in str(r) for r in results)
+    assert all(r.headers["Retry-After"] for r in results if isinstance(r, ModelUnavailable))
+
+
+async def test_waiters_of_a_removed_model_get_404(launcher: FakeLauncher) -> None:
+    launcher.delay = 1.0
+    supervisor = Supervisor(registry("models: {a: {source: /a}, b: {source: /b}}"), launcher)
+    pending = waiters(supervisor, "a")
+    await asyncio.sleep(0.05)
+    supervisor.apply(registry("models: {b: {source: /b}}"))
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert all(isinstance(r, ModelNotFound) for r in results), results
+
+
+async def test_waiters_of_a_load_replaced_by_reloads_wait_for_the_new_load(
+    launcher: FakeLauncher,
+) -> None:
+    launcher.delay = 0.1
+    supervisor = Supervisor(registry("models: {a: {source: /a}}"), launcher)
+    pending = waiters(supervisor, "a", count=8)
+    for i in range(5):  # each reload changes the entry while its load is under way
+        await asyncio.sleep(0.03)
+        supervisor.apply(registry(f"models: {{a: {{source: /a{i}}}}}"))
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert results == [None] * 9
+    assert launcher.launches == ["a"] * 6 and launcher.alive() == ["a"]
+    assert supervisor.get("a").entry.source == "/a4"
+
+
+# -- a reload keeps track of admitted requests -----------------------------------------------
+
+
+LIMITED = "models: {a: {source: /a, limits: {max_concurrency: 1, max_queue: %d}}}"
+
+
+async def test_a_drain_after_a_reload_that_changed_limits_waits_for_earlier_requests(
+    launcher: FakeLauncher,
+) -> None:
+    supervisor = Supervisor(registry(LIMITED % 4), launcher)
+    holder, release = await hold(supervisor, "a")
+    supervisor.apply(registry(LIMITED % 5))
+    drained = asyncio.create_task(supervisor.drain(5.0))
+    await asyncio.sleep(0.05)
+    assert not drained.done()  # the request admitted before the reload still runs
+    release.set()
+    await holder
+    assert await drained is True
+
+
+async def test_a_reload_that_changed_limits_does_not_admit_past_the_concurrency_limit(
+    launcher: FakeLauncher,
+) -> None:
+    supervisor = Supervisor(registry(LIMITED % 0), launcher)
+    holder, release = await hold(supervisor, "a")
+    with pytest.raises(RateLimited):  # max_queue 0: refused at once
+        await use(supervisor, "a")
+    supervisor.apply(registry(LIMITED % 3))
+    queued = asyncio.create_task(use(supervisor, "a"))
+    await asyncio.sleep(0.01)
+    runtime = supervisor.get("a")
+    assert (runtime.admission.running, runtime.admission.waiting) == (1, 1)  # new max_queue
+    release.set()
+    await asyncio.gather(holder, queued)
+    assert runtime.admission.running == 0
+
+
+# -- background work is kept and awaited -----------------------------------------------------
+
+
+async def test_shutdown_leaves_no_background_task_running(launcher: FakeLauncher) -> None:
+    text = "models: {a: {source: /a}, b: {source: /b}, c: {source: /c}, d: {source: /d}}"
+    supervisor = Supervisor(registry(text), launcher)
+    for name in "abcd":
+        await use(supervisor, name)
+    launcher.backends["a"].stop_delay = 0.2
+    launcher.backends["a"].crash()  # its exit stops what is left of it
+    await use(supervisor, "b", keep_alive=0)  # unloaded right after the request
+    supervisor.apply(registry("models: {a: {source: /a}, b: {source: /b}, c: {source: /c2}}"))
+    await asyncio.sleep(0)
+    await supervisor.shutdown()
+    assert others_pending() == []
+    assert all(b.stopped and b.exited.done() for b in launcher.backends.values())
+
+
+async def test_a_request_queued_for_a_removed_model_gets_404_and_starts_no_worker(
+    launcher: FakeLauncher,
+) -> None:
+    text = "models: {a: {source: /a, limits: {max_concurrency: 1}}, b: {source: /b}}"
+    supervisor = Supervisor(registry(text), launcher)
+    holder, release = await hold(supervisor, "a")
+    queued = asyncio.create_task(use(supervisor, "a"))  # waits for the holder's slot
+    await asyncio.sleep(0.01)
+    supervisor.apply(registry("models: {b: {source: /b}}"))
+    release.set()
+    await holder
+    with pytest.raises(ModelNotFound):
+        await queued
+    await asyncio.sleep(0.01)
+    assert launcher.launches == ["a"] and launcher.alive() == []
+
+
+async def test_a_load_whose_waiter_gave_up_is_not_reaped_as_idle_since_boot(
+    launcher: FakeLauncher, clock: Clock
+) -> None:
+    launcher.delay = 0.2
+    text = "gateway: {idle_unload_s: 60, load_timeout_s: 0.05}\nmodels: {a: {source: /a}}"
+    supervisor = Supervisor(registry(text), launcher, clock=clock)
+    with supervisor.events.subscribe() as queue:
+        with pytest.raises(ModelUnavailable, match="still loading"):
+            await use(supervisor, "a")
+        while (await queue.get()).get("state") != "ready":  # it loads on without its waiter
+            pass
+    await supervisor.reap_idle()
+    assert launcher.alive() == ["a"]

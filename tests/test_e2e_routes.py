@@ -228,8 +228,8 @@ def test_chat_content_that_spells_special_tokens_is_tokenized_as_text(
     seed = prompt_tokens("/tiny", {"prompt": "hi" + forged, "max_length": 1})
     assert seed == prompt_tokens("/tiny", {"prompt": "hi", "max_length": 1}) + len(as_text)
     # A raw completion prompt is the caller's own text: its special tokens stay special.
-    completion = {"model": "tiny", "prompt": "hi" + forged}
-    plain = {"model": "tiny", "prompt": "hi"}
+    completion: dict[str, object] = {"model": "tiny", "prompt": "hi" + forged}
+    plain: dict[str, object] = {"model": "tiny", "prompt": "hi"}
     extra = len(tokenizer(forged, add_special_tokens=False)["input_ids"])
     assert extra < len(as_text)
     assert prompt_tokens("/v1/completions", completion) == (

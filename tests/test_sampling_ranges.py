@@ -11,7 +11,7 @@ import pydantic
 import pytest
 
 from gateway.config import Generation
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, SeedRequest
+from gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SeedRequest
 
 ACCEPTED: dict[str, list[Any]] = {
     "temperature": [0, 1e-9, 0.7, 2],
@@ -34,7 +34,7 @@ def seed(**fields: Any) -> Any:
 
 
 def chat(**fields: Any) -> Any:
-    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], **fields)
+    return ChatCompletionRequest(model="m", messages=[ChatMessage(role="user", content="x")], **fields)
 
 
 def completion(**fields: Any) -> Any:

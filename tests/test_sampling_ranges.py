@@ -34,7 +34,9 @@ def seed(**fields: Any) -> Any:
 
 
 def chat(**fields: Any) -> Any:
-    return ChatCompletionRequest(model="m", messages=[ChatMessage(role="user", content="x")], **fields)
+    return ChatCompletionRequest(
+        model="m", messages=[ChatMessage(role="user", content="x")], **fields
+    )
 
 
 def completion(**fields: Any) -> Any:

@@ -14,6 +14,7 @@ from fastapi import FastAPI
 
 from gateway import rundir
 from gateway.auth import ApiKeyAuth, load_keys
+from gateway.background import Background
 from gateway.http import install_error_handlers
 from gateway.launcher import Launcher, ProcessLauncher
 from gateway.metrics import GatewayMetrics, RequestMetrics
@@ -69,16 +70,15 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        background = [
-            asyncio.create_task(supervisor.run_reaper()),
-            asyncio.create_task(supervisor.prober.run()),
-        ]
-        background.append(asyncio.create_task(reloader.watch()))  # idle while watch_config is off
+        loops = Background()  # run until the shutdown cancels them
+        loops.spawn(supervisor.run_reaper(), "idle reaper")
+        loops.spawn(supervisor.prober.run(), "health prober")
+        loops.spawn(reloader.watch(), "config watcher")  # idle while watch_config is off
+        reloads = Background()  # SIGHUP reloads: each runs to its end
         loop = asyncio.get_running_loop()
         with contextlib.suppress(ValueError, RuntimeError):  # only the main thread gets signals
             loop.add_signal_handler(
-                signal.SIGHUP,
-                lambda: background.append(loop.create_task(reloader.reload_quietly())),
+                signal.SIGHUP, lambda: reloads.spawn(reloader.reload_quietly(), "SIGHUP reload")
             )
         readiness.accepting = True
         log.info("serving %d models from %s", len(registry.models), loaded.path)
@@ -88,8 +88,8 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
             readiness.accepting = False
             with contextlib.suppress(ValueError, RuntimeError):
                 loop.remove_signal_handler(signal.SIGHUP)
-            for task in background:
-                task.cancel()
+            await loops.settle(0.0)  # cancelled and awaited
+            await reloads.settle(10.0)
             await supervisor.shutdown()
             rundir.remove(run_dir)
             log.info("gateway stopped; every worker has exited")

@@ -110,7 +110,7 @@ class WorkerProcess:
             elif message.get("event") == "failed":
                 await self.stop(5.0)
                 raise LoadFailed(str(message.get("kind")), str(message.get("message")))
-        code = await self.process.wait()
+        code = await self._exit_code()
         await asyncio.sleep(0.05)  # let the stderr relay catch the last lines
         tail = " | ".join(list(self.stderr_tail)[-5:])
         raise LoadFailed("crashed", f"the worker exited with code {code} while loading: {tail}")
@@ -119,19 +119,31 @@ class WorkerProcess:
         if self.process.returncode is None:
             self._signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(self.process.wait(), grace_s)
+                await asyncio.wait_for(self._exit_code(), grace_s)
             except asyncio.TimeoutError:
                 log.warning(
                     "worker of %r ignored SIGTERM for %.0fs; killing it", self.name, grace_s
                 )
                 self._signal(signal.SIGKILL)
-                await self.process.wait()
+                await self._exit_code()
         with contextlib.suppress(OSError):
             assert self.process.stdin is not None
             self.process.stdin.close()
         await self.upstream.aclose()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
+        await self._settle_tasks()
+
+    async def _settle_tasks(self) -> None:
+        """Let the relays read the dead worker's last lines, then end what still runs (a
+        child the worker left behind may hold its pipes open)."""
+        if not self._tasks:
+            return
+        _, late = await asyncio.wait(self._tasks, timeout=1.0)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late)
 
     def kill_now(self) -> None:
         """Last resort at interpreter exit: no event loop needed."""
@@ -143,9 +155,22 @@ class WorkerProcess:
             os.killpg(self.process.pid, sig)
 
     async def _watch_exit(self) -> None:
-        code = await self.process.wait()
+        code = await self._exit_code()
         if not self._exited.done():
             self._exited.set_result(code)
+
+    async def _exit_code(self) -> int:
+        """The worker's exit code once it has exited. `Process.wait()` also waits for the
+        worker's pipes to close, which a child it left behind may hold open for good."""
+        waiting = asyncio.ensure_future(self.process.wait())
+        try:
+            while self.process.returncode is None and not waiting.done():
+                await asyncio.wait({waiting}, timeout=0.1)
+        finally:
+            waiting.cancel()
+        code = self.process.returncode
+        assert code is not None
+        return code
 
     async def _relay_stderr(self, stream: asyncio.StreamReader) -> None:
         while line := await stream.readline():

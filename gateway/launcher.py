@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import gateway
+from gateway import threads
 from gateway.config import ModelEntry
 from gateway.envs import EnvironmentMissing, python_for
 from gateway.upstream import Upstream
@@ -166,6 +167,7 @@ class ProcessLauncher:
         self.envs_dir = envs_dir
         self.live: set[WorkerProcess] = set()
         self._shim = _package_shim(run_dir)
+        self.cores = threads.CoreShares()
 
     async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> Backend:
         if entry.is_remote:
@@ -178,18 +180,24 @@ class ProcessLauncher:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(socket)
         spec = self._spec(name, entry, socket)
-        process = await asyncio.create_subprocess_exec(
-            python,
-            "-m",
-            "gateway.worker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._environment(entry, spec),
-            start_new_session=True,
-            limit=2**20,
-        )
+        share = self.cores.claim(entry)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                python,
+                "-m",
+                "gateway.worker",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**self._environment(entry, spec), **share.env},
+                start_new_session=True,
+                limit=2**20,
+            )
+        except BaseException:
+            share.release()
+            raise
         worker = WorkerProcess(name, process, socket)
+        worker.exited.add_done_callback(lambda _: share.release())
         self.live.add(worker)
         worker.exited.add_done_callback(lambda _: self.live.discard(worker))
         try:

@@ -2,11 +2,12 @@
 
 Intra-op threads that outnumber the free cores spin against each other (OpenMP workers
 busy-wait), and two CPU workers that each take every core do the same to each other. So
-each CPU worker gets a share: the `threads` of its entry where given, otherwise the
-machine's cores, less one left to the gateway's own event loop where there is more than
-one (as vLLM leaves one to its API server), divided among the CPU workers running when it
-starts, never more than the cores. Shares are computed at launch: a worker keeps its count
-until it is restarted, so loading a second CPU model does not shrink the first one's.
+each CPU worker gets a share: the `threads` of its entry where given (or an
+OMP_NUM_THREADS written in its `env:`), otherwise the machine's cores, less one left to
+the gateway's own event loop where there is more than one (as vLLM leaves one to its API
+server), divided among the CPU workers running when it starts, never more than the cores.
+Shares are computed at launch: a worker keeps its count until it is restarted, so loading
+a second CPU model does not shrink the first one's.
 
 The count reaches the worker before torch starts (OMP_NUM_THREADS and MKL_NUM_THREADS in
 its environment) and as THREADS_ENV, which the worker applies with torch.set_num_threads.
@@ -48,6 +49,9 @@ def share(entry: ModelEntry, cpu_workers: int, cores: int) -> int | None:
     included, run on `cores` cores; None leaves torch's default (GPU workers)."""
     if entry.threads is not None:
         return entry.threads
+    written = entry.env.get("OMP_NUM_THREADS", "")
+    if written.isdigit() and int(written) > 0:  # set by hand in the entry's `env:`: it wins
+        return int(written)
     if not is_cpu(entry):
         return None
     spare = cores - 1 if cores > 1 else 1  # one core for the gateway's event loop

@@ -34,6 +34,9 @@ def test_an_entrys_threads_win_and_gpu_workers_keep_torchs_default() -> None:
     assert threads.share(ModelEntry(source="/m", threads=5), 3, 4) == 5
     assert threads.share(GPU, 1, 8) is None
     assert threads.share(ModelEntry(source="/m", devices=[0], threads=2), 1, 8) == 2
+    by_hand = ModelEntry(source="/m", env={"OMP_NUM_THREADS": "3"})
+    assert threads.share(by_hand, 1, 8) == 3  # the entry's own env says it
+    assert threads.share(ModelEntry(source="/m", env={"OMP_NUM_THREADS": "x"}), 1, 8) == 7
     assert threads.environment(None) == {}
     assert threads.environment(3) == {
         "OMP_NUM_THREADS": "3",

@@ -48,6 +48,9 @@ def test_kv_bytes_per_token_counts_keys_and_values_of_every_layer() -> None:
     grouped = llama(num_key_value_heads=2, head_dim=64)  # grouped-query attention
     assert sizing.kv_bytes_per_token(grouped, 2) == 2 * 4 * 2 * 64 * 2
     assert sizing.kv_bytes_per_token(SimpleNamespace(d_model=8), 4) is None
+    # A remote-code config: plain attributes, no get_text_config, no num_key_value_heads.
+    plain = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, hidden_size=64)
+    assert sizing.kv_bytes_per_token(plain, 2) == 2 * 2 * 4 * 16 * 2
 
 
 def test_rows_that_fit_are_bounded_by_memory_and_the_cap() -> None:

@@ -83,18 +83,23 @@ def plot(section: Section, path: Path) -> None:
     plt.close(figure)
 
 
-def document(sections: list[Section], notes: dict[str, str], minutes: float) -> str:
-    shape = MODEL_SHAPE
+def code_version() -> str:
+    """The commit that runs, read as the run starts (a commit made meanwhile is not it)."""
     commit = _git("rev-parse", "--short", "HEAD").strip()
     dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "gateway", "bench")
     tree = "with uncommitted changes to gateway/ or bench/" if dirty.strip() else "clean"
+    return f"{commit} ({tree})"
+
+
+def document(sections: list[Section], notes: dict[str, str], minutes: float) -> str:
+    shape = MODEL_SHAPE
     threads = peer_threads()
     by_key = {s.key: s for s in sections}
     chosen = by_key["defaults"].data["runtime"][defaults.DEFAULTS] if "defaults" in by_key else {}
     lines = [
         "# Benchmarks",
         "",
-        f"Written by `make bench` (`python -m bench.run`) at commit {commit} ({tree}), every "
+        f"Written by `make bench` (`python -m bench.run`) at commit {notes['code']}, every "
         f"section from the same run ({minutes:.1f} min); each section names the command that "
         "produced its figures, and every benchmark also runs alone. Every server serves the "
         "same model on the same machine, side by side (interleaved or in rotating order), "
@@ -143,7 +148,7 @@ def main() -> None:
         "--only", nargs="*", choices=ORDER, help="run these alone; the document is not written"
     )
     args = parser.parse_args()
-    notes = machine_notes()
+    notes = {**machine_notes(), "code": code_version()}
     started = time.perf_counter()
     runs = benchmarks(args.quick)
     sections = []

@@ -15,7 +15,7 @@ import argparse
 import asyncio
 
 from bench import clients
-from bench.common import MODEL_NAME, gateway_server, model_path, serving
+from bench.common import MODEL_NAME, PER_GENERATE, gateway_server, model_path, serving
 from bench.concurrency import Slice, measure, merge
 from bench.report import median, ms, percentile
 
@@ -57,8 +57,8 @@ def main() -> None:
     model = model_path()
     slices: dict[tuple[str, int], list[Slice]] = {}
     with (
-        serving(gateway_server(model, continuous=False)) as static,
-        serving(gateway_server(model, continuous=True)) as continuous,
+        serving(gateway_server(model, PER_GENERATE)) as static,
+        serving(gateway_server(model)) as continuous,
     ):
         servers = dict(zip(SETTINGS, (static, continuous), strict=True))
         for window in range(args.windows):

@@ -1,8 +1,9 @@
 """What every benchmark shares: the model, the environment, and the servers under test.
 
 Every server runs as a child process on 127.0.0.1 in its own process group, with the same
-environment (hubs offline, one compute thread per process), and is stopped, group and all,
-when its `with` block ends, however it ends.
+environment (hubs offline), and is stopped, group and all, when its `with` block ends,
+however it ends. The gateway runs on its defaults, threads included; every other server,
+and the in-process baseline, computes with the thread count the gateway gives its worker.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,30 @@ MODEL_NAME = "bench"
 # A Llama a little bigger than the test fixture (hidden 64, 2 layers), so that the model's
 # compute, not HTTP, dominates a request: hidden 256, 4 layers, 2.5 M parameters.
 MODEL_SHAPE: dict[str, Any] = {"hidden": 256, "layers": 4, "init_std": 0.2, "seed": 0}
-# One intra-op thread everywhere: on a 2-core machine, a second OpenMP thread per process
-# only fights the HTTP processes for the cores (measured: 2 threads ran up to 10x slower).
-THREADS = "1"
+
+
+def peer_threads() -> int:
+    """Intra-op threads of every server other than the gateway, and of the in-process
+    baseline: the count the gateway's own policy gives its one CPU worker here (the cores
+    less one for the HTTP side, gateway/threads.py), so that every server computes with
+    the same threads. On a 2-core machine that is 1, which is also each peer's fastest
+    (measured: 2 threads, fighting the HTTP process and the clients for the cores, ran up
+    to 10x slower)."""
+    from gateway.config import ModelEntry
+    from gateway.threads import available_cores, share
+
+    return share(ModelEntry(source="-"), 1, available_cores()) or 1
+
+
+def thread_env(threads: int) -> dict[str, str]:
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def bench_env() -> dict[str, str]:
+    """The environment of every process the benchmarks start. No thread count: the gateway
+    chooses its workers' own, and each peer is given `peer_threads()` explicitly."""
     home = WORK / "home"
-    return {
+    env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
@@ -43,15 +60,16 @@ def bench_env() -> dict[str, str]:
         "HF_HOME": str(home / "hf"),
         "MODELSCOPE_CACHE": str(home / "modelscope"),
         "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": THREADS,
-        "MKL_NUM_THREADS": THREADS,
         "PYTHONUNBUFFERED": "1",
     }
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # never the caller's shell's
+        env.pop(name, None)
+    return env
 
 
 def use_bench_env() -> None:
-    """Apply the same environment to this process (for the in-process baselines)."""
-    os.environ.update(bench_env())
+    """Apply the peers' environment to this process (for the in-process baselines)."""
+    os.environ.update({**bench_env(), **thread_env(peer_threads())})
 
 
 # A 8x larger one, for one question only: how the gateway's overhead ratio depends on how
@@ -104,6 +122,7 @@ class Server:
     ready_path: str
     ready_status: tuple[int, ...] = (200,)
     cwd: Path = ROOT
+    env: dict[str, str] = field(default_factory=dict)  # on top of bench_env()
     process: subprocess.Popen[bytes] | None = None
     started_at: float = 0.0
 
@@ -118,7 +137,7 @@ class Server:
         self.process = subprocess.Popen(
             self.argv,
             cwd=self.cwd,
-            env=bench_env(),
+            env={**bench_env(), **self.env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own group: stop() ends its children too
@@ -166,23 +185,19 @@ def serving(server: Server, timeout: float = 120.0) -> Iterator[Server]:
         server.stop()
 
 
-def gateway_server(
-    model: Path,
-    *,
-    max_batch_size: int = 32,
-    batch_wait_ms: float | None = None,
-    continuous: bool | None = None,
-) -> Server:
-    """The gateway, started as a user would (`llm-gateway serve`), serving one model.
+# The one setting the benchmarks change on the gateway: batching whole `generate` calls, as
+# the in-process baseline does, which shows the serving cost like for like.
+PER_GENERATE = "batching: {continuous: false}"
 
-    `max_batch_size` 32 lets the largest client count share one batch; the gather window and
-    the batching mode are the registry's defaults unless given.
-    """
+
+def gateway_server(model: Path, settings: str = "") -> Server:
+    """The gateway, started as a user would (`llm-gateway serve`), serving one model on its
+    defaults: the entry names its source and nothing else, unless `settings` adds YAML keys
+    (e.g. `batching: {continuous: false}`) to it."""
     port = free_port()
     WORK.mkdir(parents=True, exist_ok=True)
     config = WORK / f"models-{port}.yaml"
-    wait = "" if batch_wait_ms is None else f", batch_wait_ms: {batch_wait_ms}"
-    wait += "" if continuous is None else f", continuous: {str(continuous).lower()}"
+    extra = "".join(f"    {line}\n" for line in settings.splitlines() if line.strip())
     config.write_text(
         f"gateway:\n"
         f"  default_model: {MODEL_NAME}\n"
@@ -190,9 +205,7 @@ def gateway_server(
         f"models:\n"
         f"  {MODEL_NAME}:\n"
         f"    source: {model}\n"
-        f"    dtype: float32\n"
-        f"    batching: {{max_batch_size: {max_batch_size}{wait}}}\n"
-        f"    limits: {{max_concurrency: 64, max_new_tokens: 4096}}\n"
+        f"{extra}"
     )
     argv = [sys.executable, "-m", "gateway", "serve", "--config", str(config)]
     return Server("gateway", [*argv, "--port", str(port)], port, "/health")
@@ -204,18 +217,21 @@ def seed_server(model: Path) -> Server:
     argv = [sys.executable, "-m", "bench.seed_server", str(model), "--port", str(port)]
     # The seed app has no health route; any HTTP answer means uvicorn is serving, which the
     # script only starts after loading the model.
-    return Server("seed", argv, port, "/", ready_status=(200, 404, 405))
+    return Server(
+        "seed", argv, port, "/", ready_status=(200, 404, 405), env=thread_env(peer_threads())
+    )
 
 
 def hf_server(*, continuous_batching: bool = False) -> Server:
     """`transformers serve` on CPU; it loads a model lazily by the request's `model`.
-    By default it does not batch; `--continuous-batching` is its own opt-in batching."""
+    By default it does not batch; `--continuous-batching` is its documented option for
+    serving many requests at once."""
     port = free_port()
     executable = Path(sys.executable).parent / "transformers"
     argv = [str(executable), "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
     if continuous_batching:
         argv.append("--continuous-batching")
-    return Server("transformers-serve", argv, port, "/health")
+    return Server("transformers-serve", argv, port, "/health", env=thread_env(peer_threads()))
 
 
 def machine_notes() -> dict[str, str]:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.clients import PROMPT
-from bench.common import THREADS, use_bench_env
+from bench.common import peer_threads, use_bench_env
 
 
 class Direct:
@@ -16,7 +16,7 @@ class Direct:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        torch.set_num_threads(int(THREADS))
+        torch.set_num_threads(peer_threads())
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()

@@ -32,7 +32,7 @@ def ms(seconds: float) -> str:
 
 @dataclass
 class Goal:
-    text: str  # the target, e.g. "at most 1.15x direct"
+    text: str  # the target, e.g. "at most 1.15x direct"
     measured: str
     met: bool
 

@@ -2,8 +2,10 @@
 
     python -m bench.run [--quick] [--only overhead concurrency ...]
 
-Each benchmark also runs alone (`python -m bench.<name>`); this saves each one's result in
-.cache/bench/results/, so the document is written from whatever results exist.
+The document is written from one run of every benchmark, never from saved results of
+earlier runs: its header names the commit it ran. `--only` runs some benchmarks and prints
+(and saves, in .cache/bench/results/) their results without touching the document; each
+benchmark also runs alone (`python -m bench.<name>`).
 """
 
 from __future__ import annotations
@@ -14,15 +16,24 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import cancel, coldstart, concurrency, health, overhead, ttft
-from bench.common import MODEL_SHAPE, ROOT, machine_notes
-from bench.report import Section, finish, load
+from bench import cancel, coldstart, concurrency, defaults, health, overhead, ttft
+from bench.common import MODEL_SHAPE, ROOT, machine_notes, peer_threads
+from bench.report import Section, finish
 
 DOCS = ROOT / "docs"
 PLOT = DOCS / "bench-concurrency.png"
 # Everything below this line in docs/BENCHMARKS.md is written by hand and kept on rewrites.
 ANALYSIS = "<!-- analysis: written by hand, kept when bench.run rewrites the figures above -->"
-ORDER = ["overhead", "overhead-large", "concurrency", "ttft", "health", "coldstart", "cancel"]
+ORDER = [
+    "overhead",
+    "overhead-large",
+    "concurrency",
+    "defaults",
+    "ttft",
+    "health",
+    "coldstart",
+    "cancel",
+]
 
 
 def benchmarks(quick: bool) -> dict[str, Callable[[], Section]]:
@@ -31,6 +42,7 @@ def benchmarks(quick: bool) -> dict[str, Callable[[], Section]]:
         "overhead": lambda: overhead.run(rounds=int(40 * scale)),
         "overhead-large": lambda: overhead.run(rounds=int(20 * scale), large=True),
         "concurrency": lambda: concurrency.run(seconds=9.0 * scale),
+        "defaults": lambda: defaults.run(seconds=9.0 * scale),
         "ttft": lambda: ttft.run(rounds=int(40 * scale)),
         "health": lambda: health.run(seconds=8.0 * scale),
         "coldstart": lambda: coldstart.run(repeats=3),
@@ -71,19 +83,27 @@ def plot(section: Section, path: Path) -> None:
     plt.close(figure)
 
 
-def document(sections: list[Section], notes: dict[str, str]) -> str:
-    shape = MODEL_SHAPE
+def code_version() -> str:
+    """The commit that runs, read as the run starts (a commit made meanwhile is not it)."""
     commit = _git("rev-parse", "--short", "HEAD").strip()
     dirty = _git("status", "--porcelain", "--untracked-files=no", "--", "gateway", "bench")
     tree = "with uncommitted changes to gateway/ or bench/" if dirty.strip() else "clean"
+    return f"{commit} ({tree})"
+
+
+def document(sections: list[Section], notes: dict[str, str], minutes: float) -> str:
+    shape = MODEL_SHAPE
+    threads = peer_threads()
+    by_key = {s.key: s for s in sections}
+    chosen = by_key["defaults"].data["runtime"][defaults.DEFAULTS] if "defaults" in by_key else {}
     lines = [
         "# Benchmarks",
         "",
-        "Written by `make bench` (`python -m bench.run`); each section names the command that "
-        "produced its figures, and every benchmark also runs alone. All figures come from one "
-        "run, on one machine, with the same model for every server, and compare servers "
-        "side by side (interleaved or in rotating order), so read the ratios: absolute times "
-        "on this shared machine move from minute to minute.",
+        f"Written by `make bench` (`python -m bench.run`) at commit {notes['code']}, every "
+        f"section from the same run ({minutes:.1f} min); each section names the command that "
+        "produced its figures, and every benchmark also runs alone. Every server serves the "
+        "same model on the same machine, side by side (interleaved or in rotating order), "
+        "so read the ratios: absolute times on a shared machine move from minute to minute.",
         "",
         "## Set-up",
         "",
@@ -92,16 +112,23 @@ def document(sections: list[Section], notes: dict[str, str]) -> str:
         f"--seed {shape['seed']}` (2.5 M parameters, float32, byte-level BPE vocabulary "
         "of 600), the test fixture's architecture made 4x wider and 2x deeper so that "
         "compute outweighs HTTP a little more.",
-        "- Servers: the gateway (`llm-gateway serve`, one worker for the model, "
-        "`batching: {max_batch_size: 32}` and the default gather window of 0 ms); "
-        "`bench/seed_server.py`, the seed scripts' pattern (FastAPI, blocking `generate` "
-        "in an `async def` handler); `transformers serve --device cpu` (its defaults: "
-        "no continuous batching).",
-        "- Every server and the in-process baseline run with one intra-op thread "
-        "(`OMP_NUM_THREADS=1`), hubs offline; greedy decoding; clients on loopback.",
+        "- The gateway runs on its defaults: `llm-gateway serve` with a models.yaml that gives "
+        "the model's `source` and nothing else. Its worker chose "
+        f"`max_batch_size` {chosen.get('max_batch_size', '?')} (`auto`) and "
+        f"{chosen.get('threads', '?')} intra-op thread(s) (its share of the cores, one left "
+        "to the gateway); continuous batching, no gather window. The one other gateway "
+        "row, `batching: {continuous: false}`, calls `generate` as the in-process baseline "
+        "does: the serving cost over `generate`, like for like.",
+        "- The peers, each with its best documented settings for the workload and the "
+        f"same {threads} intra-op thread(s) (`OMP_NUM_THREADS`): `bench/seed_server.py`, the "
+        "seed scripts' pattern (FastAPI, blocking `generate` in an `async def` handler, "
+        "which has no settings); `transformers serve --device cpu` on its default (one "
+        "request at a time, its best for one client) and, for concurrent clients, with "
+        "`--continuous-batching`, its documented option for serving many requests; the "
+        f"in-process baseline calls `generate` with `torch.set_num_threads({threads})`.",
+        "- Hubs offline; greedy decoding; clients on loopback.",
         f"- Machine: {notes['cpu']}, no GPU; Python {notes['python']}; load average "
-        f"{notes['load average (1, 5, 15 min)']} when this document was written (other "
-        f"jobs share the machine). Code: commit {commit}, {tree}.",
+        f"{notes['load average (1, 5, 15 min)']} when the run started.",
         "",
         f"![tokens/s vs concurrency]({PLOT.name})",
         "",
@@ -117,25 +144,29 @@ def _git(*args: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="half the rounds and seconds")
-    parser.add_argument("--only", nargs="*", choices=ORDER, help="run these; reuse the rest")
+    parser.add_argument(
+        "--only", nargs="*", choices=ORDER, help="run these alone; the document is not written"
+    )
     args = parser.parse_args()
-    notes = machine_notes()
+    notes = {**machine_notes(), "code": code_version()}
     started = time.perf_counter()
     runs = benchmarks(args.quick)
+    sections = []
     for key in args.only or ORDER:
         print(f"== {key}", flush=True)
-        finish(runs[key]())
-    sections = [s for key in ORDER if (s := load(key)) is not None]
+        sections.append(finish(runs[key]()))
+    minutes = (time.perf_counter() - started) / 60
+    print(f"ran in {minutes:.1f} min")
+    if args.only:
+        print("ran a part: docs/BENCHMARKS.md is written only by a run of every benchmark")
+        return
     by_key = {s.key: s for s in sections}
-    if "concurrency" in by_key:
-        plot(by_key["concurrency"], PLOT)
-    text = document(sections, notes)
-    print(f"ran in {(time.perf_counter() - started) / 60:.1f} min")
+    plot(by_key["concurrency"], PLOT)
     target = DOCS / "BENCHMARKS.md"
     old = target.read_text() if target.exists() else ""
     kept = old[old.index(ANALYSIS) :] if ANALYSIS in old else ANALYSIS + "\n"
-    target.write_text(text + "\n" + kept)
-    print(f"wrote {DOCS / 'BENCHMARKS.md'} and {PLOT}")
+    target.write_text(document(sections, notes, minutes) + "\n" + kept)
+    print(f"wrote {target} and {PLOT}")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,11 @@ class Limits(Strict):
 
 
 class Batching(Strict):
-    max_batch_size: int = Field(8, gt=0)
+    # "auto": the worker sizes it after loading, from the memory a full batch's KV cache
+    # needs at the model's context length against the memory its device has left, capped
+    # by `limits.max_concurrency` (more rows can never arrive) and 64
+    # (gateway/worker/sizing.py); a number is used as given.
+    max_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
     # No gather window by default (as Triton's dynamic batcher): rows that arrive while a
     # batch runs are batched anyway, and a window only delays every request that finds
     # the engine idle (5 ms cost a lone 16-token request 20% on the benchmark model).
@@ -172,6 +176,8 @@ class ModelEntry(Strict):
     trust_remote_code: bool = False
     python_env: PythonEnv | None = None
     env: dict[str, str] = {}
+    # Intra-op threads of a CPU worker; by default its share of the cores (gateway/threads.py).
+    threads: int | None = Field(None, gt=0)
     system_prompt: str | None = None
     generation: Generation = Generation()
     limits: Limits = Limits()

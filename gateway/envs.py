@@ -11,7 +11,9 @@ requirements, built by `llm-gateway env build NAME`:
   (no second multi-GB torch) while its own packages, e.g. `transformers==4.47.1`, shadow
   the base's newer ones;
 - the base's pip installs the requirements into it (`pip --python`), with the base's torch
-  version as a constraint so that nothing can pull another torch;
+  version as a constraint so that nothing can pull another torch; its notes about the
+  base's own copies of the packages it installs (which it cannot and should not uninstall)
+  are reworded as what they are (`calm_pip_output`);
 - a marker file written last says the build finished; a half-built environment is never
   used and is rebuilt from scratch.
 
@@ -23,11 +25,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
@@ -159,17 +163,60 @@ def describe(versions: dict[str, Any]) -> str:
 
 def _run(command: list[str], doing: str, out: TextIO, show: bool = False) -> str:
     """Run a build step; `show` streams its output (pip's) to `out` as it comes."""
-    process = subprocess.Popen(
+    with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1
-    )
-    assert process.stdout is not None
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if show:
-            out.write("    " + line)
-            out.flush()
-    if process.wait() != 0:
+    ) as process:  # the `with` closes the pipe however the loop ends
+        assert process.stdout is not None
+        lines = []
+        for line in calm_pip_output(process.stdout) if show else process.stdout:
+            lines.append(line)
+            if show:
+                out.write("    " + line)
+                out.flush()
+    if process.returncode != 0:
         tail = "".join(lines[-20:]).rstrip()
         raise EnvironmentBuildFailed(f"{doing} failed (exit {process.returncode}):\n{tail}")
     return "".join(lines)
+
+
+# pip's words for what the base-site-packages design does on purpose: a package of the base
+# environment is seen inside the new one, so pip tries to uninstall it before installing the
+# environment's own version, finds it outside the environment, and leaves it (as it should).
+_FOUND = re.compile(r"\s*Found existing installation: (?P<name>\S+) (?P<version>\S+)\s*$")
+_OUTSIDE = re.compile(r"\s*Not uninstalling (?P<name>\S+) at (?P<where>.+), outside environment")
+_CANT = re.compile(r"\s*Can't uninstall '[^']+'\. No files were found to uninstall\.\s*$")
+_ATTEMPT = re.compile(r"\s*Attempting uninstall: \S+\s*$")
+_RESOLVER = re.compile(r"ERROR: pip's dependency resolver does not currently take into account")
+_CONFLICT = re.compile(
+    r"(?P<who>\S+ \S+) requires (?P<wants>.+), but you have (?P<has>.+) which is incompatible\."
+)
+
+
+def calm_pip_output(lines: Iterable[str]) -> Iterator[str]:
+    """pip's install output, with its messages about the base environment's packages said
+    as what they are: the base keeps its copy, the environment's own version shadows it,
+    and base packages that want another version are noted, not reported as errors."""
+    found: tuple[str, str] | None = None
+    for line in lines:
+        if _ATTEMPT.match(line) or _CANT.match(line):
+            continue
+        if match := _FOUND.match(line):
+            found = (match["name"], match["version"])
+            continue
+        outside = _OUTSIDE.match(line)
+        if found and outside:
+            yield (
+                f"  {found[0]} {found[1]} stays in the base environment; "
+                "this environment's own version shadows it\n"
+            )
+        elif found:  # a real uninstall follows: pip's own line was right
+            yield f"    Found existing installation: {found[0]} {found[1]}\n"
+        found = None
+        if outside:
+            continue
+        if _RESOLVER.match(line):
+            yield "note: base-environment packages that want other versions than this one has:\n"
+        elif match := _CONFLICT.match(line.strip()):
+            yield f"  {match['who']} wants {match['wants']}; this environment has {match['has']}\n"
+        else:
+            yield line

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import gateway
-from gateway import rundir
+from gateway import rundir, threads
 from gateway.config import ModelEntry
 from gateway.envs import EnvironmentMissing, python_for
 from gateway.upstream import Upstream
@@ -202,6 +202,7 @@ class ProcessLauncher:
         self.live: set[WorkerProcess] = set()
         self._shim = _package_shim(run_dir)
         self._instances = itertools.count(1)
+        self.cores = threads.CoreShares()
 
     async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> Backend:
         if entry.is_remote:
@@ -214,18 +215,24 @@ class ProcessLauncher:
         # model was removed, or replaced, removes only its own when it stops.
         socket = rundir.socket_path(self.run_dir, next(self._instances))
         spec = self._spec(name, entry, socket)
-        process = await asyncio.create_subprocess_exec(
-            python,
-            "-m",
-            "gateway.worker",
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=self._environment(entry, spec),
-            start_new_session=True,
-            limit=2**20,
-        )
+        share = self.cores.claim(entry)
+        try:
+            process = await asyncio.create_subprocess_exec(
+                python,
+                "-m",
+                "gateway.worker",
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env={**self._environment(entry, spec), **share.env},
+                start_new_session=True,
+                limit=2**20,
+            )
+        except BaseException:
+            share.release()
+            raise
         worker = WorkerProcess(name, process, socket)
+        worker.exited.add_done_callback(lambda _: share.release())
         self.live.add(worker)
         worker.exited.add_done_callback(lambda _: self.live.discard(worker))
         try:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
+
+import pytest
 
 from bench.cancel import Hangup, pair
 from bench.report import percentile
+from gateway.config import ModelEntry
 from gateway.worker.stats import TIMELINE
 
 
@@ -54,3 +58,58 @@ def test_a_row_that_made_no_token_before_the_hang_up_counts_all_of_its_tokens() 
 def test_a_forgotten_past_makes_the_count_unknown_not_small() -> None:
     times = [10.0 + i for i in range(40)]  # 40 tokens, all after the hang-up; 16 remembered
     assert pair([Hangup("streamed", 5.0)], [record(60.0, 40, times)])[0]["after_client"] is None
+
+
+def test_the_gateway_under_benchmark_runs_on_its_defaults(tmp_path: Path) -> None:
+    from bench.common import MODEL_NAME, PER_GENERATE, WORK, gateway_server
+    from gateway.config import ModelEntry
+    from gateway.registry import parse_registry
+
+    def entry(settings: str = "") -> ModelEntry:
+        server = gateway_server(tmp_path, settings)
+        config = WORK / f"models-{server.port}.yaml"
+        try:
+            return parse_registry(config.read_text()).models[MODEL_NAME]
+        finally:
+            config.unlink()
+
+    assert entry() == ModelEntry(source=str(tmp_path))  # nothing but the source
+    assert entry(PER_GENERATE).batching.continuous is False
+    assert entry(PER_GENERATE).model_dump(exclude={"batching"}) == entry().model_dump(
+        exclude={"batching"}
+    )
+
+
+def test_every_peer_computes_with_the_gateway_workers_thread_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench import common
+    from gateway import threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "13")  # the caller's shell never leaks in
+    assert "OMP_NUM_THREADS" not in common.bench_env()
+    worker = threads.share(ModelEntry(source="/m"), 1, threads.available_cores())
+    assert common.peer_threads() == worker
+    model = Path("/m")
+    for server in (
+        common.seed_server(model),
+        common.hf_server(),
+        common.hf_server(continuous_batching=True),
+    ):
+        assert server.env["OMP_NUM_THREADS"] == server.env["MKL_NUM_THREADS"] == str(worker)
+    assert "OMP_NUM_THREADS" not in common.gateway_server(model).env
+
+
+def test_a_partial_run_never_writes_the_document(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from bench import run
+    from bench.report import Section
+
+    written: list[Path] = []
+    monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: written.append(self))
+    section = Section("ttft", "t", "c", ["a"], [["1"]])
+    monkeypatch.setattr(run, "benchmarks", lambda quick: {"ttft": lambda: section})
+    monkeypatch.setattr(sys, "argv", ["bench.run", "--only", "ttft"])
+    run.main()
+    assert not [p for p in written if p.name == "BENCHMARKS.md"]

@@ -50,7 +50,7 @@ def test_a_minimal_entry_gets_the_documented_defaults() -> None:
     assert entry.generation.max_new_tokens == 256
     assert entry.limits.max_new_tokens == 4096
     assert entry.limits.max_concurrency == 32
-    assert entry.batching.max_batch_size == 8
+    assert entry.batching.max_batch_size == "auto"
     assert not entry.trust_remote_code
     gateway = registry.gateway
     assert (gateway.host, gateway.port, gateway.default_model) == ("127.0.0.1", 6006, None)

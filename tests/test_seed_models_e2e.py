@@ -63,6 +63,8 @@ def test_env_build_pins_transformers_and_reuses_the_base_torch(
     assert marker["torch"]["location"] in base_site_dirs()
     assert "transformers 4.47.1, torch" in pinned_registry.build_output
     assert "built in" in pinned_registry.build_output
+    assert "Can't uninstall" not in pinned_registry.build_output  # the base keeps its copy
+    assert "ERROR" not in pinned_registry.build_output
 
 
 def test_a_second_build_finds_the_environment_built(pinned_registry: PinnedRegistry) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.worker.control import Control, exit_with_gateway
+from gateway.worker.sizing import apply_threads, batch_size, thread_count
 from gateway.worker.spec import SPEC_ENV, WorkerSpec
 
 if TYPE_CHECKING:
@@ -42,6 +43,7 @@ def main() -> int:
     )
     spec = WorkerSpec.model_validate_json(os.environ[SPEC_ENV])
     try:
+        apply_threads()
         state = load(spec, control)
     except LoadFailure as exc:
         control.send("failed", kind=exc.kind, message=str(exc))
@@ -133,15 +135,15 @@ def _build_state(spec: WorkerSpec, adapter: Any, start: Baseline, load_seconds: 
 
     batching = spec.entry.batching
     stats = WorkerStats()
+    context = adapter.context_length()
     engine = Engine(
         adapter,
-        batching.max_batch_size,
+        batch_size(spec, adapter.model, context),
         batching.batch_wait_ms / 1000,
         on_batch=stats.on_batch,
         continuous=batching.continuous,
     )
-    context = adapter.context_length()
-    runtime = _runtime(adapter, load_seconds, context, engine)
+    runtime = {**_runtime(adapter, load_seconds, context, engine), "threads": thread_count()}
     return WorkerState(
         name=spec.name,
         adapter=adapter,

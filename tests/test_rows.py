@@ -296,3 +296,15 @@ def test_a_row_whose_detokenizer_raises_fails_alone_without_raising(breaks_at: s
     assert len(ends) == 1 and ends[0] is recorder.events[-1] and isinstance(ends[0], Failed)
     assert ends[0].error.message == "detokenizing failed: ValueError: no such token"
     assert row.finish_reason == "error" and recorder.deltas == ["he"]
+
+
+def test_a_row_whose_reply_channel_breaks_ends_in_error_without_raising() -> None:
+    # The row shares its batch: an error telling its own client must not escape the step.
+    def broken(event: object) -> None:
+        raise RuntimeError("the reply channel broke")
+
+    row = Row([1], SamplingParams(max_new_tokens=9), frozenset({EOS}), decode, broken)
+    row.push(1)
+    row.push(4)
+    row.push(2)
+    assert row.finish_reason == "error"

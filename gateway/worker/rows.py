@@ -122,12 +122,16 @@ class Row:
         self.emit(Finished(reason, len(self.prompt_ids), len(self.output_ids), self.text))
 
     def fail(self, error: GatewayError) -> None:
+        """End the row with an error; never raises, as the row shares its batch."""
         if not self.done:
             self.finish_reason = "error"
-            self.emit(Failed(error))
+            try:
+                self.emit(Failed(error))
+            except Exception:
+                log.exception("a row could not be told that it failed")
 
     def _fail_unexpectedly(self, exc: Exception) -> None:
-        log.exception("a row failed while turning its tokens into text")
+        log.exception("a row failed while taking its token")
         self.fail(GatewayError(f"detokenizing failed: {type(exc).__name__}: {exc}"[:500]))
 
     def _detokenize(self, final: bool = False) -> bool:

@@ -240,3 +240,18 @@ def _raising(error: BaseException, like: Any = None) -> Any:
         raise error
 
     return fail if like is None else functools.wraps(like)(fail)  # keeps its signature
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["continuous", "per-generate"])
+def test_rows_that_end_at_their_first_token_leave_no_failure_behind(
+    adapter: ChatTemplateAdapter, mode: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every row finishes in its prefill: the batch is empty before its first step.
+    runner = Run(adapter, continuous=mode)
+    try:
+        for _ in range(3):
+            results = runner.run(*(runner.row(p, max_new_tokens=1) for p in PROMPTS[:2]))
+            assert [r.completion_tokens for r in results] == [1, 1]
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        runner.engine.stop()

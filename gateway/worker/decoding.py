@@ -119,6 +119,8 @@ class RunningBatch:
 
     def drop_finished(self) -> None:
         """Cut finished rows out of the batch, then the padding columns nobody needs."""
+        if not self.rows:
+            return
         keep = [index for index, row in enumerate(self.rows) if not row.done]
         if len(keep) < len(self.rows):
             self.rows = [self.rows[index] for index in keep]

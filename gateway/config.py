@@ -20,6 +20,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
 
 from adapters import ADAPTERS
 
@@ -98,7 +99,7 @@ ByteSize = Annotated[
 ]
 DeviceKey = Annotated[str, BeforeValidator(device_key)]
 # What the JSON schema says of a device mapping's keys (`disk` is refused by both).
-DEVICE_KEYS_SCHEMA = {"propertyNames": {"pattern": f"^({DEVICE_KEY})$"}}
+DEVICE_KEYS_SCHEMA: JsonDict = {"propertyNames": {"pattern": f"^({DEVICE_KEY})$"}}
 
 
 class Strict(BaseModel):
@@ -453,7 +454,7 @@ class GatewaySettings(Strict):
         return value
 
 
-def _model_names_schema() -> dict[str, object]:
+def _model_names_schema() -> JsonDict:
     """`models` keys as JSON Schema: the name pattern, no reserved route (in any case)."""
     reserved = "|".join(any_case(name) for name in sorted(RESERVED_NAMES))
     return {"pattern": MODEL_NAME.pattern, "not": {"pattern": f"^({reserved})$"}}

@@ -143,7 +143,9 @@ class Limits(Strict):
         4096, gt=0, description="The most tokens a request may ask to generate."
     )
     context_length: int | None = Field(
-        None, gt=0, description="Prompt plus reply, in tokens; a value below the model's clamps it."
+        None,
+        gt=0,
+        description="Prompt plus reply, in tokens. Unset: the model's own; lower clamps it.",
     )
     max_concurrency: int = Field(32, gt=0, description="Requests generating at once.")
     max_queue: int = Field(
@@ -348,7 +350,13 @@ class ModelEntry(Strict):
         None,
         description="The model's footprint for memory budgets, when its weight files cannot tell.",
     )
-    planning_config: str | None = Field(None, description="A config.json to plan placement from.")
+    planning_config: str | None = Field(
+        None,
+        description=(
+            "A directory with config.json (and remote modeling code) that `llm-gateway plan` "
+            "reads when the weights are not downloaded."
+        ),
+    )
 
     @field_validator("max_memory")
     @classmethod
@@ -401,7 +409,8 @@ class Auth(Strict):
         None, description="Environment variable holding comma-separated keys for /admin/*."
     )
     admin_keys_file: str | None = Field(
-        None, description="File of keys for /admin/*, one a line. Unset (both): API keys open them."
+        None,
+        description="File of keys for /admin/*, one a line. Without admin keys, API keys open it.",
     )
 
 

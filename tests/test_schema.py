@@ -305,3 +305,12 @@ def test_make_schema_writes_the_schema_file(tmp_path: Path) -> None:
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "docs" / "models.schema.json").read_text(encoding="utf-8") == render()
+
+
+@pytest.mark.parametrize("text", [*VALID.values(), *INVALID.values()], ids=[*VALID, *INVALID])
+def test_a_draft_7_validator_gives_the_same_verdicts(text: str) -> None:
+    # YAML language servers before JSON Schema 2020-12 support read the file as draft 7:
+    # `$defs` still resolves as a pointer, and only annotations beside a `$ref` are lost.
+    instance = json.loads(json.dumps(yaml.safe_load(text)))
+    draft7 = jsonschema.Draft7Validator(json.loads(render()))
+    assert draft7.is_valid(instance) == (schema_errors(text) == [])

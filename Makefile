@@ -9,7 +9,7 @@ PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 # Lint what exists: bench/ arrives with the benchmarks.
 LINT_DIRS := $(wildcard gateway adapters tests bench configs)
 
-.PHONY: serve test install demo lint format typecheck check bench clean
+.PHONY: serve test install demo lint format typecheck check schema bench clean
 
 serve: $(STAMP) $(DEMO)/config.json  ## build what is missing, then serve models.yaml on 127.0.0.1:6006
 	$(PY) -m gateway serve --config models.yaml
@@ -45,6 +45,10 @@ typecheck: $(STAMP)
 
 check: $(STAMP) $(DEMO)/config.json  ## the shipped registry names the demo model: build it first
 	$(PY) -m gateway check --config models.yaml
+
+schema: $(STAMP)  ## regenerate docs/models.schema.json from gateway/config.py
+	$(PY) -m gateway schema > docs/models.schema.json.tmp
+	mv docs/models.schema.json.tmp docs/models.schema.json
 
 bench: $(STAMP) $(VENV)/.bench-installed  ## run every benchmark, write docs/BENCHMARKS.md (~10 min)
 	$(PY) -m bench.run

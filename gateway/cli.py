@@ -1,4 +1,4 @@
-"""`llm-gateway` (also `python -m gateway`): serve, check, models, pull, plan, env build."""
+"""`llm-gateway` (also `python -m gateway`): serve, check, models, pull, plan, env build, schema."""
 
 from __future__ import annotations
 
@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("name", metavar="NAME")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    schema = commands.add_parser(
+        "schema",
+        help="print the JSON Schema of the registry file",
+        description="print the JSON Schema of models.yaml (docs/models.schema.json holds it)",
+    )
+    schema.set_defaults(run=run_schema)
+
     env = commands.add_parser("env", help="per-model Python environments")
     env_commands = env.add_subparsers(metavar="ACTION")
     build = _command(env_commands, "build", "build models' Python environments", run_env_build)
@@ -88,6 +95,13 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"{args.config}: warning: {warning}", file=sys.stderr)
     count = len(loaded.registry.models)
     print(f"{args.config}: OK ({count} model{'s' if count != 1 else ''})")
+    return 0
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    from gateway.schema import render
+
+    sys.stdout.write(render())
     return 0
 
 

@@ -16,9 +16,13 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
+from pydantic.config import JsonDict
+
+from adapters import ADAPTERS
 
 # Names a model may not take: they are routes of the gateway itself.
 RESERVED_NAMES = frozenset(
@@ -38,6 +42,22 @@ RESERVED_NAMES = frozenset(
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS |= {"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# A device in `max_memory` and `memory_budget`: the CPU or a GPU index (YAML's `0:` too).
+DEVICE_KEY = r"cpu|[0-9]+"
+
+
+def any_case(word: str) -> str:
+    """`word` as a case-insensitive regular expression without flags: JSON Schema patterns
+    (ECMA-262) have no inline `(?i)`."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
+
+
+# The sizes `parse_bytes` takes, as a JSON Schema pattern built from the same unit table.
+SIZE_PATTERN = (
+    r"^\s*[0-9]+(\.[0-9]+)?\s*("
+    + "|".join(any_case(unit) for unit in sorted(_UNITS, key=len, reverse=True) if unit)
+    + r")?\s*$"
+)
 
 
 def parse_bytes(value: object) -> int:
@@ -53,8 +73,33 @@ def parse_bytes(value: object) -> int:
     raise ValueError(f"expected a size such as 22GiB or 512MiB, got {value!r}")
 
 
-ByteSize = Annotated[int, BeforeValidator(parse_bytes), Field(gt=0)]
-DeviceKey = Annotated[str, BeforeValidator(lambda v: str(v))]
+def device_key(value: object) -> str:
+    """A device key as a string (`0:` in YAML is an integer); `disk` passes for the
+    budget validators to refuse by name."""
+    key = str(value)
+    if key != "disk" and not re.fullmatch(DEVICE_KEY, key):
+        raise ValueError(f"expected `cpu` or a GPU index such as 0, got {key!r}")
+    return key
+
+
+ByteSize = Annotated[
+    int,
+    BeforeValidator(parse_bytes),
+    Field(gt=0),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "integer", "exclusiveMinimum": 0},
+                {"type": "string", "pattern": SIZE_PATTERN},
+            ],
+            "description": "A byte count, or a number and a unit: 22GiB, 512MiB, 1.5 GB.",
+            "examples": ["22GiB", "512MiB", "1.5 GB", 1073741824],
+        }
+    ),
+]
+DeviceKey = Annotated[str, BeforeValidator(device_key)]
+# What the JSON schema says of a device mapping's keys (`disk` is refused by both).
+DEVICE_KEYS_SCHEMA: JsonDict = {"propertyNames": {"pattern": f"^({DEVICE_KEY})$"}}
 
 
 class Strict(BaseModel):
@@ -73,47 +118,102 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 class Generation(Strict):
     """Generation defaults; a request overrides them field by field."""
 
-    max_new_tokens: int = Field(256, gt=0)
-    temperature: Temperature | None = None
-    top_p: TopP | None = None
-    top_k: TopK | None = None
-    repetition_penalty: RepetitionPenalty | None = None
-    stop: list[str] = []
+    max_new_tokens: int = Field(
+        256, gt=0, description="Tokens to generate when a request does not say."
+    )
+    temperature: Temperature | None = Field(
+        None, description="Sampling temperature in [0, 2]; 0 is greedy. Unset: the model's own."
+    )
+    top_p: TopP | None = Field(
+        None, description="Nucleus sampling in (0, 1]; 1 is off. Unset: the model's own."
+    )
+    top_k: TopK | None = Field(
+        None, description="Sample from the k most likely tokens; 0 is off. Unset: the model's own."
+    )
+    repetition_penalty: RepetitionPenalty | None = Field(
+        None, description="Penalty in [0.01, 10] for tokens already seen; 1 is off."
+    )
+    stop: list[str] = Field([], description="Strings that end a reply.")
 
 
 class Limits(Strict):
-    max_new_tokens: int = Field(4096, gt=0)
-    context_length: int | None = Field(None, gt=0)
-    max_concurrency: int = Field(32, gt=0)
-    max_queue: int = Field(256, ge=0)
-    queue_timeout_s: float = Field(60.0, gt=0)
-    request_timeout_s: float = Field(600.0, gt=0)
+    """What one request may ask of this model, and how many it serves at once."""
+
+    max_new_tokens: int = Field(
+        4096, gt=0, description="The most tokens a request may ask to generate."
+    )
+    context_length: int | None = Field(
+        None,
+        gt=0,
+        description="Prompt plus reply, in tokens. Unset: the model's own; lower clamps it.",
+    )
+    max_concurrency: int = Field(32, gt=0, description="Requests generating at once.")
+    max_queue: int = Field(
+        256, ge=0, description="Requests waiting for a slot; beyond it a request gets 429."
+    )
+    queue_timeout_s: float = Field(
+        60.0, gt=0, description="Seconds a request waits in the queue before it gets 503."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a reply may take before the request gets 504."
+    )
     # Messages in one request (the seed route counts system, each history turn, the prompt):
     # the work a request costs before the model sees it grows with this count.
-    max_messages: int = Field(1024, gt=0)
+    max_messages: int = Field(1024, gt=0, description="Messages in one request.")
 
 
 class Batching(Strict):
-    # "auto": the worker sizes it after loading, from the memory a full batch's KV cache
-    # needs at the model's context length against the memory its device has left, capped
-    # by `limits.max_concurrency` (more rows can never arrive) and 64
-    # (gateway/worker/sizing.py); a number is used as given.
-    max_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = "auto"
+    """How requests to this model share its forward passes."""
+
+    max_batch_size: Annotated[int, Field(gt=0)] | Literal["auto"] = Field(
+        "auto",
+        description=(
+            "Requests that decode together. auto: sized by the worker after loading, the rows "
+            "whose KV cache at the full context fits 80% of the memory its devices have left, "
+            "at most limits.max_concurrency and 64 (gateway/worker/sizing.py)."
+        ),
+    )
     # No gather window by default (as Triton's dynamic batcher): rows that arrive while a
     # batch runs are batched anyway, and a window only delays every request that finds
     # the engine idle (5 ms cost a lone 16-token request 20% on the benchmark model).
-    batch_wait_ms: float = Field(0.0, ge=0)
+    batch_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="Milliseconds a request that finds the engine idle waits for company.",
+    )
     # Rows join and leave a running batch between decoding steps, for models whose cache
     # the engine can splice (transformers' own decoder-only models with full attention);
     # other models, or `false`, batch whole `generate` calls (gateway/worker/decoding.py).
-    continuous: bool = True
+    continuous: bool = Field(
+        True,
+        description=(
+            "Requests join and leave a running batch between decoding steps (transformers' own "
+            "decoder-only models); false, or other models, batch whole `generate` calls."
+        ),
+    )
 
 
 class PythonEnv(Strict):
     """Either requirements installed into a model-local venv, or an existing interpreter."""
 
-    requirements: list[str] = []
-    python: str | None = None
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["requirements"], "properties": {"requirements": {"minItems": 1}}},
+                {
+                    "required": ["python"],
+                    "properties": {"python": {"type": "string", "minLength": 1}},
+                },
+            ]
+        }
+    )
+
+    requirements: list[str] = Field(
+        [], description="pip requirements installed into this model's own venv under `envs_dir`."
+    )
+    python: str | None = Field(
+        None, description="An existing interpreter to run the worker on (a path or a name on PATH)."
+    )
 
     @model_validator(mode="after")
     def _one_of(self) -> PythonEnv:
@@ -125,9 +225,13 @@ class PythonEnv(Strict):
 class Upstream(Strict):
     """A remote OpenAI-compatible server that serves this model instead of a local worker."""
 
-    url: str
-    model: str | None = None
-    api_key_env: str | None = None
+    url: str = Field(description="Base URL of the remote OpenAI-compatible server.")
+    model: str | None = Field(
+        None, description="The model name upstream. Unset: this entry's name."
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the upstream's API key."
+    )
 
 
 Hub = Literal["local", "modelscope", "huggingface"]
@@ -135,6 +239,12 @@ DType = Literal["float32", "bfloat16", "float16", "auto"]
 # `auto`: flash_attention_2 where flash-attn is installed and the GPU, dtype and model
 # support it, else sdpa where the model supports it, else the model's own default.
 Attention = Literal["auto", "flash_attention_2", "sdpa", "eager"]
+GpuIndex = Annotated[int, Field(ge=0)]
+# Emptiness is refused by `ModelEntry` with its own message; the schema says it as minItems.
+GpuList = Annotated[
+    list[GpuIndex],
+    WithJsonSchema({"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}),
+]
 
 
 def max_memory_problem(max_memory: dict[str, int], devices: object) -> str | None:
@@ -161,31 +271,110 @@ def max_memory_problem(max_memory: dict[str, int], devices: object) -> str | Non
 
 
 class ModelEntry(Strict):
-    description: str | None = None
-    source: str | None = None
-    hub: Hub = "local"
-    revision: str | None = None
-    cache_dir: str | None = None
-    auto_pull: bool = True
-    upstream: Upstream | None = None
-    adapter: str = "chat_template"
-    dtype: DType = "auto"
-    devices: Literal["cpu"] | list[Annotated[int, Field(ge=0)]] = "cpu"
-    max_memory: dict[DeviceKey, ByteSize] | None = None
-    attention: Attention = "auto"
-    trust_remote_code: bool = False
-    python_env: PythonEnv | None = None
-    env: dict[str, str] = {}
-    # Intra-op threads of a CPU worker; by default its share of the cores (gateway/threads.py).
-    threads: int | None = Field(None, gt=0)
-    system_prompt: str | None = None
-    generation: Generation = Generation()
-    limits: Limits = Limits()
-    batching: Batching = Batching()
-    idle_unload_s: float | None = Field(None, ge=0)
-    pinned: bool = False
-    memory_bytes: ByteSize | None = None
-    planning_config: str | None = None
+    """One model: where its weights come from, how it loads, and how it serves."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["source"], "properties": {"source": {"type": "string"}}},
+                {"required": ["upstream"], "properties": {"upstream": {"type": "object"}}},
+            ]
+        }
+    )
+
+    description: str | None = Field(None, description="Shown in /v1/models.")
+    source: str | None = Field(
+        None,
+        description=(
+            "A local path (relative to this file) or a hub id; exactly one of `source` and "
+            "`upstream`."
+        ),
+    )
+    hub: Hub = Field("local", description="Where `source` lives.")
+    revision: str | None = Field(
+        None,
+        description="Hub revision. Unset: `master` on ModelScope, `main` on Hugging Face.",
+    )
+    cache_dir: str | None = Field(
+        None, description="This model's own snapshot cache instead of `gateway.cache_dir`."
+    )
+    auto_pull: bool = Field(True, description="Fetch missing weights on first use.")
+    upstream: Upstream | None = Field(
+        None,
+        description=(
+            "A remote OpenAI-compatible server that serves this name instead of a local worker."
+        ),
+    )
+    adapter: str = Field(
+        "chat_template",
+        description="The prompt family: a name from adapters/.",
+        json_schema_extra={"enum": list(ADAPTERS)},
+    )
+    dtype: DType = Field(
+        "auto",
+        description=(
+            "Weights' dtype. auto: float32 on CPU; on GPU bfloat16, or float16 where a GPU is "
+            "older than compute capability 8.0."
+        ),
+    )
+    devices: Literal["cpu"] | GpuList = Field(
+        "cpu", description="`cpu`, or a list of GPU indices such as [0, 1]."
+    )
+    max_memory: dict[DeviceKey, ByteSize] | None = Field(
+        None,
+        description=(
+            "GPU index to size, one for every GPU in `devices` (unset: each GPU's free memory); "
+            "naming `cpu` allows CPU offload. Disk offload is never used."
+        ),
+        json_schema_extra=DEVICE_KEYS_SCHEMA,
+    )
+    attention: Attention = Field(
+        "auto",
+        description=(
+            "Attention kernel. auto: flash_attention_2 where flash-attn, the GPU, the dtype "
+            "and the model allow it, else sdpa where the model supports it, else the model's own."
+        ),
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run the model's own modeling code (in its worker only)."
+    )
+    python_env: PythonEnv | None = Field(
+        None,
+        description="The worker's own Python. Unset: the gateway's interpreter.",
+    )
+    env: dict[str, str] = Field(
+        {},
+        description="Environment variables for the worker (never a key source of the registry).",
+    )
+    threads: int | None = Field(
+        None,
+        gt=0,
+        description=(
+            "Intra-op threads of a CPU worker. Unset: its share of the cores, less one left to "
+            "the gateway, among the CPU workers running at launch (gateway/threads.py)."
+        ),
+    )
+    system_prompt: str | None = Field(
+        None, description="Added when a request brings no system message."
+    )
+    generation: Generation = Field(Generation(), description="Defaults a request may override.")
+    limits: Limits = Field(Limits(), description="Per-request and concurrency limits.")
+    batching: Batching = Field(Batching(), description="How requests are batched.")
+    idle_unload_s: float | None = Field(
+        None, ge=0, description="Unload after this many idle seconds, over the gateway's."
+    )
+    pinned: bool = Field(False, description="Never unloaded for being idle, never evicted.")
+    memory_bytes: ByteSize | None = Field(
+        None,
+        description="The model's footprint for memory budgets, when its weight files cannot tell.",
+    )
+    planning_config: str | None = Field(
+        None,
+        description=(
+            "A directory with config.json (and remote modeling code) that `llm-gateway plan` "
+            "reads when the weights are not downloaded."
+        ),
+    )
 
     @field_validator("max_memory")
     @classmethod
@@ -228,34 +417,100 @@ class ModelEntry(Strict):
 class Auth(Strict):
     """API keys are never written in the file: name an environment variable or a key file."""
 
-    api_keys_env: str | None = None
-    api_keys_file: str | None = None
-    admin_keys_env: str | None = None
-    admin_keys_file: str | None = None
+    api_keys_env: str | None = Field(
+        None, description="Environment variable holding comma-separated API keys."
+    )
+    api_keys_file: str | None = Field(
+        None, description="File of API keys, one a line (`#` comments)."
+    )
+    admin_keys_env: str | None = Field(
+        None, description="Environment variable holding comma-separated keys for /admin/*."
+    )
+    admin_keys_file: str | None = Field(
+        None,
+        description="File of keys for /admin/*, one a line. Without admin keys, API keys open it.",
+    )
 
 
 class GatewaySettings(Strict):
-    host: str = "127.0.0.1"
-    port: int = Field(6006, ge=0, le=65535)
-    default_model: str | None = None
-    idle_unload_s: float | None = Field(None, ge=0)
-    load_timeout_s: float = Field(600.0, gt=0)
-    drain_timeout_s: float = Field(30.0, ge=0)
-    probe_interval_s: float = Field(5.0, gt=0)  # health probe of each ready worker
-    probe_failures: int = Field(3, gt=0)  # consecutive failed probes before a restart
-    memory_budget: dict[DeviceKey, ByteSize] = {}
-    max_body_bytes: int = Field(4 * 2**20, gt=0)
-    # A client connection must send a whole request header within this time of opening
-    # (or of its previous response); and at most this many stay open (gateway/connections.py).
-    header_timeout_s: float = Field(10.0, gt=0)
-    max_connections: int = Field(1024, gt=0)
-    cache_dir: str = ".cache"
-    envs_dir: str = ".cache/envs"
-    watch_config: bool = True
-    cors_origins: list[str] = []
-    auth: Auth = Auth()
+    """The gateway process: where it listens, its timeouts, budgets and caches."""
+
+    host: str = Field("127.0.0.1", description="Interface `serve` binds (--host overrides).")
+    port: int = Field(6006, ge=0, le=65535, description="Port `serve` binds (--port overrides).")
+    default_model: str | None = Field(
+        None, description="The model POST / serves; a name under `models`."
+    )
+    idle_unload_s: float | None = Field(
+        None,
+        ge=0,
+        description="Unload a model idle this many seconds. Unset: never.",
+    )
+    load_timeout_s: float = Field(
+        600.0, gt=0, description="Seconds a request waits for its model to load before 503."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="Seconds unloading or shutdown waits for requests in flight."
+    )
+    probe_interval_s: float = Field(
+        5.0, gt=0, description="Seconds between health probes of each ready worker."
+    )
+    probe_failures: int = Field(
+        3, gt=0, description="Consecutive failed probes before the worker is replaced."
+    )
+    memory_budget: dict[DeviceKey, ByteSize] = Field(
+        {},
+        description="Device to the bytes loaded models may hold there; others are unlimited.",
+        json_schema_extra=DEVICE_KEYS_SCHEMA,
+    )
+    max_body_bytes: int = Field(
+        4 * 2**20, gt=0, description="Request bodies larger than this get 413."
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "A client connection must send a whole request header within this time of opening "
+            "(or of its previous response), else it is closed (gateway/connections.py)."
+        ),
+    )
+    max_connections: int = Field(
+        1024,
+        gt=0,
+        description=(
+            "Open client connections at most (lowered to fit the descriptor limit); beyond it "
+            "the oldest idle one is closed."
+        ),
+    )
+    cache_dir: str = Field(".cache", description="Where hub snapshots live.")
+    envs_dir: str = Field(".cache/envs", description="Where per-model Python environments live.")
+    watch_config: bool = Field(
+        True, description="Reload this file when it changes (also on SIGHUP and /admin/reload)."
+    )
+    cors_origins: list[str] = Field([], description="Browser origins allowed by CORS.")
+    auth: Auth = Field(Auth(), description="Where API keys come from (never this file).")
+
+    @field_validator("memory_budget")
+    @classmethod
+    def _no_disk_budget(cls, value: dict[str, int]) -> dict[str, int]:
+        if "disk" in value:
+            raise ValueError("disk is not a budgeted device: name `cpu` or GPU indices")
+        return value
+
+
+def _model_names_schema() -> JsonDict:
+    """`models` keys as JSON Schema: the name pattern, no reserved route (in any case)."""
+    reserved = "|".join(any_case(name) for name in sorted(RESERVED_NAMES))
+    return {"pattern": MODEL_NAME.pattern, "not": {"pattern": f"^({reserved})$"}}
 
 
 class Registry(Strict):
-    gateway: GatewaySettings = GatewaySettings()
-    models: dict[str, ModelEntry]
+    """models.yaml: the gateway's settings and every model it serves."""
+
+    gateway: GatewaySettings = Field(GatewaySettings(), description="The gateway process.")
+    models: dict[str, ModelEntry] = Field(
+        description=(
+            "Every model, by name: its route (POST /<name>) and its OpenAI `model`. Letters, "
+            "digits, '.', '_', '-', at most 64, and not a route of the gateway."
+        ),
+        json_schema_extra={"propertyNames": _model_names_schema()},
+    )

@@ -1,9 +1,11 @@
 """API keys: Bearer tokens checked before any route runs.
 
-Policy by path, whatever the prefix: `/health` and `/ready` are open (probes); `/admin/*`
-needs an admin key (or, when no admin keys are configured, an API key); everything else
-(inference, model listing, metrics, the OpenAPI document) needs an API key. With no keys
-configured at all the gateway is open, which is why it binds 127.0.0.1 by default.
+Policy by path, whatever the prefix: `/health` and `/ready` are open (probes), and so are
+the playground's page and assets (static files; the page sends the key on every call);
+`/admin/*` needs an admin key (or, when no admin keys are configured, an API key);
+everything else (inference, model listing, metrics, the OpenAPI document) needs an API key.
+With no keys configured at all the gateway is open, which is why it binds 127.0.0.1 by
+default.
 Keys come from an environment variable (comma-separated) or a file (one per line, `#`
 comments), never from models.yaml, and are compared in constant time.
 """
@@ -21,8 +23,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.config import Auth
 from gateway.errors import Forbidden, GatewayError, Unauthorized
 from gateway.middleware import send_error
+from gateway.routes.playground import PATHS as PLAYGROUND_PATHS
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# Probes, and the playground's static files (they hold no data; the page sends the key).
+OPEN_PATHS = frozenset({"/health", "/ready", *PLAYGROUND_PATHS})
 
 
 class KeySourceError(Exception):
@@ -87,7 +91,9 @@ class ApiKeyAuth:
         await self.app(scope, receive, send)
 
     def check(self, path: str, method: str, headers: dict[bytes, bytes]) -> GatewayError | None:
-        if path in OPEN_PATHS or method == "OPTIONS":  # CORS preflights carry no credentials
+        if method == "OPTIONS":  # CORS preflights carry no credentials
+            return None
+        if path in OPEN_PATHS and method in ("GET", "HEAD"):  # a POST there is the seed route
             return None
         presented = _bearer(headers)
         is_admin_path = path == "/admin" or path.startswith("/admin/")

@@ -33,6 +33,7 @@ RESERVED_NAMES = frozenset(
         "openapi.json",
         "favicon.ico",
         "static",
+        "playground",
     }
 )
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -244,6 +245,7 @@ class GatewaySettings(Strict):
     watch_config: bool = True
     cors_origins: list[str] = []
     auth: Auth = Auth()
+    playground: bool = True  # the web page at /playground; off → 404
 
 
 class Registry(Strict):

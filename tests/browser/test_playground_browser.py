@@ -79,6 +79,11 @@ def rendered(page: Page, markdown: str) -> str:
     return text
 
 
+def screenshot(page: Page, name: str, tmp_path: Path) -> None:
+    """Into tmp_path, or LLMGW_SCREENSHOTS (`LLMGW_SCREENSHOTS=docs` refreshes the README's)."""
+    page.screenshot(path=str(Path(os.environ.get("LLMGW_SCREENSHOTS", tmp_path)) / name))
+
+
 def scrape(gateway: Gateway) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     text = gateway.client.get("/metrics").text
     return {
@@ -147,7 +152,7 @@ CONTRAST = """() => {
 
 
 def test_a_chat_streams_the_api_greedy_reply_and_the_curl_for_it_works(
-    page: Page, gateway: Gateway, console: Console
+    page: Page, gateway: Gateway, console: Console, tmp_path: Path
 ) -> None:
     prompt = 'Don\'t say "$HOME" or `ls`'  # quotes and shell syntax the curl must keep
     api = gateway.post(
@@ -183,6 +188,7 @@ def test_a_chat_streams_the_api_greedy_reply_and_the_curl_for_it_works(
     )
     assert json.loads(seed.stdout)["response"] == expected
     assert console.errors == []
+    screenshot(page, "playground.png", tmp_path)
 
 
 def test_stop_cancels_the_reply_mid_stream_and_the_gateway_counts_it(
@@ -301,7 +307,6 @@ def test_the_page_fits_a_phone_screen(browser: Browser, gateway: Gateway, tmp_pa
         for name in ("Message", "Temperature", "Max tokens", "Model"):
             box = page.get_by_label(name, exact=True).bounding_box()
             assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 375
-        shots = Path(os.environ.get("LLMGW_SCREENSHOTS", tmp_path))
-        page.screenshot(path=str(shots / "playground-phone.png"), full_page=True)
+        screenshot(page, "playground-phone.png", tmp_path)
     finally:
         context.close()

@@ -80,7 +80,7 @@ def rendered(page: Page, markdown: str) -> str:
 
 
 def screenshot(page: Page, name: str, tmp_path: Path) -> None:
-    """Into tmp_path, or LLMGW_SCREENSHOTS (`LLMGW_SCREENSHOTS=docs` refreshes the README's)."""
+    """Into tmp_path, or LLMGW_SCREENSHOTS (the README's come from tests/browser/screenshots.py)."""
     page.screenshot(path=str(Path(os.environ.get("LLMGW_SCREENSHOTS", tmp_path)) / name))
 
 

@@ -420,6 +420,8 @@
   }
 
   async function start() {
+    if (events) events.abort(); // it may hold keys that were just changed or forgotten
+    events = null;
     showError("");
     $("api-key").value = key("api");
     $("admin-key").value = key("admin");

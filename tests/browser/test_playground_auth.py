@@ -15,6 +15,8 @@ from tests.support import Gateway, write_config
 if TYPE_CHECKING:
     from playwright.sync_api import Page
 
+pytestmark = pytest.mark.browser  # run by `make test-browser`, not `make test`
+
 USER = "user-key-ab'c"  # a quote, so the curl must quote it
 ADMIN = "admin-key-456"
 

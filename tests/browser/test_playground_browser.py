@@ -20,6 +20,8 @@ from tests.support import Gateway, wait_until, write_config
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
+pytestmark = pytest.mark.browser  # run by `make test-browser`, not `make test`
+
 ROUTE = "/v1/chat/completions"
 
 

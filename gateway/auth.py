@@ -1,11 +1,11 @@
 """API keys: Bearer tokens checked before any route runs.
 
-Policy by path, whatever the prefix: `/health` and `/ready` are open (probes), and so are
-the playground's page and assets (static files; the page sends the key on every call);
-`/admin/*` needs an admin key (or, when no admin keys are configured, an API key);
-everything else (inference, model listing, metrics, the OpenAPI document) needs an API key.
-With no keys configured at all the gateway is open, which is why it binds 127.0.0.1 by
-default.
+Policy by path, whatever the prefix: `/health` and `/ready` are open (probes); `/admin/*`
+needs an admin key (or, when no admin keys are configured, an API key); everything else
+(inference, model listing, metrics, the OpenAPI document) needs an API key. With no keys
+configured at all the gateway is open, which is why it binds 127.0.0.1 by default.
+The playground's page and assets are open too: static files, and the page sends the key.
+Open paths are open to GET and HEAD only.
 Keys come from an environment variable (comma-separated) or a file (one per line, `#`
 comments), never from models.yaml, and are compared in constant time.
 """

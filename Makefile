@@ -9,7 +9,7 @@ PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 # Lint what exists: bench/ arrives with the benchmarks.
 LINT_DIRS := $(wildcard gateway adapters tests bench configs)
 
-.PHONY: serve test install demo lint format typecheck check schema bench clean
+.PHONY: serve test test-browser install demo lint format typecheck check schema bench clean
 
 serve: $(STAMP) $(DEMO)/config.json  ## build what is missing, then serve models.yaml on 127.0.0.1:6006
 	$(PY) -m gateway serve --config models.yaml
@@ -18,6 +18,14 @@ test: $(STAMP)  ## build what is missing, then run lint, types and the tests
 	$(PY) -m ruff check $(LINT_DIRS)
 	$(PY) -m mypy
 	$(PY) -m pytest -q
+
+# The playground in a real browser: Debian's chromium (.ci/browser-deps installs it).
+test-browser: $(STAMP) $(VENV)/.browser-installed  ## drive the playground in headless chromium
+	$(PY) -m pytest -q -m browser tests/browser
+
+$(VENV)/.browser-installed: pyproject.toml $(CONSTRAINTS) | $(STAMP)
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[worker,hubs,dev,browser]'
+	touch $@
 
 install: $(STAMP)
 

@@ -25,6 +25,7 @@ from gateway.routes.admin import admin_router
 from gateway.routes.health import health_router
 from gateway.routes.metrics import metrics_router
 from gateway.routes.openai import openai_router
+from gateway.routes.playground import playground_router
 from gateway.routes.seed import seed_router
 from gateway.service import Inference
 from gateway.supervisor import Supervisor
@@ -113,6 +114,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     app.include_router(metrics_router(metrics))
     app.include_router(openai_router(inference, supervisor))
     app.include_router(admin_router(supervisor, reloader))
+    app.include_router(playground_router(lambda: supervisor.registry.gateway.playground))
     app.include_router(seed_router(inference, supervisor))  # last: POST /{model} catches all
     # Middleware runs outside-in in reverse order of addition: metrics, CORS, auth, body limit.
     # Each reads the settings in force per request, so a reload applies to the next one.

@@ -4,6 +4,8 @@ Policy by path, whatever the prefix: `/health` and `/ready` are open (probes); `
 needs an admin key (or, when no admin keys are configured, an API key); everything else
 (inference, model listing, metrics, the OpenAPI document) needs an API key. With no keys
 configured at all the gateway is open, which is why it binds 127.0.0.1 by default.
+The playground's page and assets are open too: static files, and the page sends the key.
+Open paths are open to GET and HEAD only.
 Keys come from an environment variable (comma-separated) or a file (one per line, `#`
 comments), never from models.yaml, and are compared in constant time. The keys in force
 are read through a callable at every request, so a reload that re-reads the sources (and
@@ -22,9 +24,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from gateway.config import Auth
 from gateway.errors import Forbidden, GatewayError, Unauthorized
 from gateway.middleware import send_error
+from gateway.routes.playground import PATHS as PLAYGROUND_PATHS
 from gateway.yaml_reader import YamlProblem, decode, read_bytes
 
-OPEN_PATHS = frozenset({"/health", "/ready"})
+# Probes, and the playground's static files (they hold no data; the page sends the key).
+OPEN_PATHS = frozenset({"/health", "/ready", *PLAYGROUND_PATHS})
 
 
 class KeySourceError(Exception):
@@ -105,7 +109,9 @@ class ApiKeyAuth:
 
 def check(keys: Keys, path: str, method: str, headers: dict[bytes, bytes]) -> GatewayError | None:
     """The error to answer a request with under `keys`, or None to let it through."""
-    if path in OPEN_PATHS or method == "OPTIONS":  # CORS preflights carry no credentials
+    if method == "OPTIONS":  # CORS preflights carry no credentials
+        return None
+    if path in OPEN_PATHS and method in ("GET", "HEAD"):  # a POST there is the seed route
         return None
     presented = _bearer(headers)
     if presented is None:

@@ -37,6 +37,7 @@ RESERVED_NAMES = frozenset(
         "openapi.json",
         "favicon.ico",
         "static",
+        "playground",
     }
 )
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -488,6 +489,9 @@ class GatewaySettings(Strict):
     )
     cors_origins: list[str] = Field([], description="Browser origins allowed by CORS.")
     auth: Auth = Field(Auth(), description="Where API keys come from (never this file).")
+    playground: bool = Field(
+        True, description="Serve the web playground at /playground; false: 404."
+    )
 
     @field_validator("memory_budget")
     @classmethod

@@ -44,6 +44,7 @@ ON_RELOAD: dict[str, Literal["live", "restart"]] = {
     "auth": "live",  # key sources re-read at every reload; ApiKeyAuth, per request
     "header_timeout_s": "live",  # ConnectionGuard, per new connection
     "max_connections": "live",
+    "playground": "live",  # read per request by the playground's routes
 }
 
 

@@ -47,7 +47,10 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     run_dir = Path(tempfile.mkdtemp(prefix="llmgw-"))
     if launcher is None:
         process_launcher = ProcessLauncher(
-            run_dir, Path(settings.cache_dir), Path(settings.envs_dir)
+            run_dir,
+            Path(settings.cache_dir),
+            Path(settings.envs_dir),
+            auto_build_envs=settings.auto_build_envs,
         )
         atexit.register(process_launcher.kill_all)  # a last resort if shutdown never ran
         launcher = process_launcher

@@ -241,6 +241,9 @@ class GatewaySettings(Strict):
     max_body_bytes: int = Field(4 * 2**20, gt=0)
     cache_dir: str = ".cache"
     envs_dir: str = ".cache/envs"
+    # A model whose `python_env` is not built yet gets it built on its first load (pip
+    # output in the model's progress and the log); off, the load fails naming the command.
+    auto_build_envs: bool = True
     watch_config: bool = True
     cors_origins: list[str] = []
     auth: Auth = Auth()

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import gateway
 from gateway.config import ModelEntry
-from gateway.envs import EnvironmentMissing, python_for
+from gateway.envs import EnvironmentBuildFailed, EnvironmentMissing, ensure_python
 from gateway.upstream import Upstream
 from gateway.worker.spec import SPEC_ENV, WorkerSpec
 
@@ -160,10 +160,13 @@ class WorkerProcess:
 class ProcessLauncher:
     """Starts local workers; remote entries get a `RemoteBackend`."""
 
-    def __init__(self, run_dir: Path, cache_dir: Path, envs_dir: Path) -> None:
+    def __init__(
+        self, run_dir: Path, cache_dir: Path, envs_dir: Path, *, auto_build_envs: bool = True
+    ) -> None:
         self.run_dir = run_dir
         self.cache_dir = cache_dir
         self.envs_dir = envs_dir
+        self.auto_build_envs = auto_build_envs
         self.live: set[WorkerProcess] = set()
         self._shim = _package_shim(run_dir)
 
@@ -171,8 +174,10 @@ class ProcessLauncher:
         if entry.is_remote:
             return RemoteBackend(name, entry)
         try:
-            python = python_for(name, entry, self.envs_dir)
-        except EnvironmentMissing as exc:
+            python = await ensure_python(
+                name, entry, self.envs_dir, auto_build=self.auto_build_envs, on_progress=on_progress
+            )
+        except (EnvironmentMissing, EnvironmentBuildFailed) as exc:
             raise LoadFailed("environment", str(exc)) from exc
         socket = str(self.run_dir / f"{name}.sock")
         with contextlib.suppress(FileNotFoundError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -25,6 +26,15 @@ def post(url: str, body: dict[str, Any], timeout: float = 120) -> Any:
 def health(base: str) -> None:
     with urllib.request.urlopen(f"{base}/health", timeout=5) as reply:
         assert reply.status == 200, reply.status
+
+
+def wait(base: str) -> None:
+    for _ in range(120):
+        try:
+            return health(base)
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{base} did not become healthy")
 
 
 def seed(base: str) -> None:
@@ -86,9 +96,35 @@ def drain(base: str, command: str) -> None:
     )
 
 
+def host_network(port: str) -> None:
+    """`docker-compose config` on stdin, out the same services on the host's network.
+
+    An engine started with --bridge=none has no bridge to publish ports from, and
+    docker-compose 1.29 cannot drop a `ports:` list in an override file; everything else
+    (volumes, healthcheck, profiles, stop settings) stays as compose.yaml says.
+    """
+    import yaml  # not stdlib: only this check needs it
+
+    config = yaml.safe_load(sys.stdin)
+    config.pop("networks", None)
+    for service in config["services"].values():
+        service.pop("ports", None)
+        service.pop("networks", None)
+        service["network_mode"] = "host"
+        service.setdefault("environment", {})["LLMGW_HEALTH_URL"] = (
+            f"http://127.0.0.1:{port}/health"
+        )
+        service["command"] = ["serve", "--config", "/etc/llm-gateway/models.yaml",
+                              "--host", "127.0.0.1", "--port", port]  # fmt: skip
+    yaml.safe_dump(config, sys.stdout, sort_keys=False)
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "host-network":
+        host_network(sys.argv[2])
+        sys.exit(0)
     base, what, *rest = sys.argv[1:]
     checks: dict[str, Callable[..., None]] = {
-        "health": health, "seed": seed, "requests": requests, "drain": drain,
+        "health": health, "wait": wait, "seed": seed, "requests": requests, "drain": drain,
     }  # fmt: skip
     checks[what](base, *rest)

@@ -40,7 +40,8 @@ cleanup() {
     set +e
     if [ -n "$DOCKERD_PID" ]; then
         $DOCKER rm -f "$NAME" >/dev/null 2>&1
-        (cd docker && docker-compose -p "llmgw$$" --profile cpu down -v >/dev/null 2>&1)
+        [ -f docker/.compose.test.yaml ] && docker-compose -p "llmgw$$" \
+            -f docker/.compose.test.yaml --profile cpu down -v >/dev/null 2>&1
         $DOCKER volume rm "$VOLUME" >/dev/null 2>&1
         kill "$DOCKERD_PID"
         for _ in $(seq 50); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.2; done
@@ -48,7 +49,7 @@ cleanup() {
     fi
     # dockerd leaves its network namespace mounted under its exec-root.
     grep -o " $EXEC[^ ]*" /proc/mounts | sort -r | xargs -r -n1 umount -l
-    rm -rf "$EXEC" "$WORK"
+    rm -rf "$EXEC" "$WORK" docker/.compose.test.yaml
 }
 trap cleanup EXIT
 
@@ -120,7 +121,7 @@ $DOCKER volume create "$VOLUME" >/dev/null
 $DOCKER run --rm --network none -v "$VOLUME:/data" --entrypoint python "$IMAGE" \
     -m gateway.worker.tiny /data/untrained >/dev/null
 run_start=$SECONDS
-$DOCKER run -d --name "$NAME" --network host -v "$VOLUME:/data" \
+$DOCKER run -d --name "$NAME" --network host -v "$VOLUME:/data" --stop-timeout 60 \
     -v "$WORK/models.yaml:/etc/llm-gateway/models.yaml:ro" \
     -e LLMGW_HEALTH_URL="http://127.0.0.1:$PORT/health" "$IMAGE" >/dev/null
 for _ in $(seq 120); do
@@ -136,6 +137,7 @@ step "requests"
 python3 docker/client.py "http://127.0.0.1:$PORT" requests || { $DOCKER logs "$NAME" | tail -30; fail requests; }
 $DOCKER top "$NAME" -o pid,args >"$WORK/top.txt"; cat "$WORK/top.txt"
 grep -q "gateway.worker" "$WORK/top.txt" || fail "no worker process in the container"
+pids=$(awk 'NR > 1 {print $1}' "$WORK/top.txt")
 
 step "SIGTERM during a request"
 python3 docker/client.py "http://127.0.0.1:$PORT" drain "$DOCKER kill -s TERM $NAME" \
@@ -145,26 +147,49 @@ $DOCKER logs "$NAME" 2>&1 | tail -5
 [ "$code" = 0 ] || fail "the container exited with $code"
 $DOCKER logs "$NAME" 2>&1 | grep -q "drain complete" || fail "no complete drain in the log"
 $DOCKER logs "$NAME" 2>&1 | grep -q "every worker has exited" || fail "workers not stopped"
+for pid in $pids; do ! kill -0 "$pid" 2>/dev/null || fail "process $pid outlived the container"; done
+echo "no process of the container is left (${pids//$'\n'/ })"
 $DOCKER rm "$NAME" >/dev/null
+
+step "environments built into the image (ENV_MODELS)"
+build_start=$SECONDS
+$DOCKER build --network host --progress plain "${secret[@]}" -f docker/Dockerfile \
+    --build-arg BASE=local/debian:bookworm --build-arg TORCH_INDEX="$torch_index" \
+    --build-arg ENV_MODELS=test-envs.yaml -t llm-gateway:cpu-envs . >"$WORK/build-envs.log" 2>&1 \
+    || { tail -40 "$WORK/build-envs.log"; fail "build with ENV_MODELS"; }
+echo "built in $((SECONDS - build_start))s"
+# A new named volume starts with the image's /data. No network and auto_build_envs off:
+# the model serves only if its environment came built with the image.
+$DOCKER run --rm --network none -v "llmgw-envs-$$:/data" \
+    -v "$ROOT/docker/test-envs.yaml:/etc/llm-gateway/models.yaml:ro" \
+    -v "$ROOT/docker/client.py:/tmp/client.py:ro" --entrypoint sh llm-gateway:cpu-envs -c '
+    llm-gateway serve --config /etc/llm-gateway/models.yaml >/tmp/gateway.log 2>&1 &
+    python /tmp/client.py http://127.0.0.1:6006 wait && python /tmp/client.py http://127.0.0.1:6006 seed
+    code=$?; grep -h "runs in its own\|environment" /tmp/gateway.log; kill $!; wait; exit $code' \
+    || fail "the model did not serve from the environment built into the image"
+$DOCKER volume rm "llmgw-envs-$$" >/dev/null
 
 step "compose: the CPU profile"
 compose_start=$SECONDS
-(
-    cd docker
-    export LLMGW_PORT=$PORT
-    compose=(docker-compose -p "llmgw$$" -f compose.yaml -f compose.test.yaml)
-    "${compose[@]}" config -q
-    "${compose[@]}" --profile cpu up -d --no-build gateway-cpu
-    for _ in $(seq 120); do
-        python3 ../docker/client.py "http://127.0.0.1:$PORT" health 2>/dev/null && break
-        sleep 1
-    done
-    python3 ../docker/client.py "http://127.0.0.1:$PORT" seed
-    "${compose[@]}" --profile cpu down -v
-) || fail "compose"
+py=python3
+[ -x .venv/bin/python ] && py=.venv/bin/python   # has PyYAML after `make test`
+docker-compose -f docker/compose.yaml config >"$WORK/compose.full.yaml" || fail "compose config"
+$py docker/client.py host-network "$PORT" <"$WORK/compose.full.yaml" >docker/.compose.test.yaml
+compose=(docker-compose -p "llmgw$$" -f docker/.compose.test.yaml)
+"${compose[@]}" --profile cpu up -d --no-build gateway-cpu || fail "compose up"
+for _ in $(seq 120); do
+    python3 docker/client.py "http://127.0.0.1:$PORT" health 2>/dev/null && break
+    sleep 1
+done
+python3 docker/client.py "http://127.0.0.1:$PORT" seed || fail "compose: the demo model"
+"${compose[@]}" ps
+"${compose[@]}" --profile cpu down -v || fail "compose down"
+[ -z "$($DOCKER ps -aq --filter "label=com.docker.compose.project=llmgw$$")" ] \
+    || fail "compose down left containers"
 echo "compose up, request, down in $((SECONDS - compose_start))s"
 
 step "the GPU service's configuration"
-(cd docker && docker-compose -f compose.yaml config | grep -A8 'devices:' | grep -q 'nvidia') \
+grep -A12 'devices:' "$WORK/compose.full.yaml" | grep -q 'driver: nvidia' \
     || fail "the GPU service reserves no nvidia device"
+grep -A12 'devices:' "$WORK/compose.full.yaml" | grep -A3 device_ids
 step "docker/test.sh: OK in $((SECONDS - START))s"

@@ -66,9 +66,10 @@ $DOCKER info >/dev/null || { tail -20 "$WORK/dockerd.log"; fail "dockerd did not
 step "base image local/debian:bookworm"
 if ! $DOCKER image inspect local/debian:bookworm >/dev/null 2>&1; then
     if [ ! -s "$CACHE/debian-bookworm.tar" ]; then
-        mirror=$(grep -hoE '(URIs:|deb) +https?://[^ ]+/debian/?( |$)' \
-            /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null \
-            | grep -oE 'https?://[^ ]+' | head -1)
+        # The configured Debian mirror (one-line or deb822 sources), not a security one.
+        mirror=$( (cat /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null || true) \
+            | grep -oE '^(URIs:|deb) +https?://[^ ]+/debian/?( |$)' \
+            | grep -oE 'https?://[^ ]+' | head -1 || true)
         rootfs=$WORK/rootfs
         debootstrap --variant=minbase bookworm "$rootfs" "${mirror:-http://deb.debian.org/debian}" \
             >"$WORK/debootstrap.log" 2>&1 || { tail -20 "$WORK/debootstrap.log"; fail debootstrap; }
@@ -143,10 +144,12 @@ step "SIGTERM during a request"
 python3 docker/client.py "http://127.0.0.1:$PORT" drain "$DOCKER kill -s TERM $NAME" \
     || { $DOCKER logs "$NAME" | tail -30; fail drain; }
 code=$($DOCKER wait "$NAME")
-$DOCKER logs "$NAME" 2>&1 | tail -5
+# Into a file first: `grep -q` on a pipe would end `docker logs` early (SIGPIPE, pipefail).
+$DOCKER logs "$NAME" >"$WORK/gateway.log" 2>&1
+tail -5 "$WORK/gateway.log"
 [ "$code" = 0 ] || fail "the container exited with $code"
-$DOCKER logs "$NAME" 2>&1 | grep -q "drain complete" || fail "no complete drain in the log"
-$DOCKER logs "$NAME" 2>&1 | grep -q "every worker has exited" || fail "workers not stopped"
+grep -q "drain complete" "$WORK/gateway.log" || fail "no complete drain in the log"
+grep -q "every worker has exited" "$WORK/gateway.log" || fail "workers not stopped"
 for pid in $pids; do ! kill -0 "$pid" 2>/dev/null || fail "process $pid outlived the container"; done
 echo "no process of the container is left (${pids//$'\n'/ })"
 $DOCKER rm "$NAME" >/dev/null

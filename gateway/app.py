@@ -52,6 +52,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
             Path(settings.cache_dir),
             Path(settings.envs_dir),
             key_sources=lambda: key_sources(supervisor.registry),  # the registry of the day
+            auto_build_envs=settings.auto_build_envs,
         )
         atexit.register(process_launcher.kill_all)  # a last resort if shutdown never ran
         launcher = process_launcher

@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     env = commands.add_parser("env", help="per-model Python environments")
     env_commands = env.add_subparsers(metavar="ACTION")
     build = _command(env_commands, "build", "build models' Python environments", run_env_build)
-    build.add_argument("names", nargs="+", metavar="NAME", help="models whose python_env to build")
+    build.add_argument("names", nargs="*", metavar="NAME", help="models whose python_env to build")
+    build.add_argument(
+        "--all", action="store_true", help="every model whose python_env lists requirements"
+    )
     build.add_argument("--rebuild", action="store_true", help="start over even if built")
     return parser
 
@@ -173,7 +176,16 @@ def run_env_build(args: argparse.Namespace) -> int:
 
     loaded = load_registry(args.config)
     envs_dir = Path(loaded.registry.gateway.envs_dir)
-    entries = [(name, _entry(loaded, name)) for name in args.names]
+    names = list(args.names)
+    if args.all:
+        models = loaded.registry.models.items()
+        names += [n for n, e in models if e.python_env and e.python_env.requirements]
+        if not names:
+            print(f"{args.config}: no model has python_env.requirements; nothing to build")
+    elif not names:
+        print("env build: name the models to build, or give --all", file=sys.stderr)
+        return 2
+    entries = [(name, _entry(loaded, name)) for name in dict.fromkeys(names)]
     for name, entry in entries:
         if entry is None:
             return 2

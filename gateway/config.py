@@ -484,6 +484,13 @@ class GatewaySettings(Strict):
     )
     cache_dir: str = Field(".cache", description="Where hub snapshots live.")
     envs_dir: str = Field(".cache/envs", description="Where per-model Python environments live.")
+    auto_build_envs: bool = Field(
+        True,
+        description=(
+            "Build a model's missing `python_env` on its first load (pip's output in its "
+            "progress and the log); false: the load fails naming `llm-gateway env build`."
+        ),
+    )
     watch_config: bool = Field(
         True, description="Reload this file when it changes (also on SIGHUP and /admin/reload)."
     )

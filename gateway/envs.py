@@ -3,7 +3,8 @@
 Without `python_env` a worker runs on the gateway's own interpreter. With
 `python_env.python` it runs on that interpreter. With `python_env.requirements` it runs in
 a virtual environment under `envs_dir`, named after the model and a digest of its
-requirements, built by `llm-gateway env build NAME`:
+requirements, built by `llm-gateway env build NAME` (or `--all`), or by the gateway on the
+model's first load when `gateway.auto_build_envs` is on (`ensure_python`):
 
 - `python -m venv --without-pip` from the base interpreter (the one running the gateway);
 - a `.pth` file appends the base environment's site-packages *after* the new one's, so the
@@ -22,22 +23,26 @@ Nothing here imports torch: versions are read with importlib.metadata.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import importlib.metadata
+import io
 import json
+import logging
 import re
 import shutil
 import subprocess
 import sys
 import sysconfig
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
+from typing import Any, NoReturn, Protocol
 
 from gateway.config import ModelEntry
 
+log = logging.getLogger(__name__)
 MARKER = "llm-gateway-env.json"
 PTH_NAME = "_llm_gateway_base.pth"
 # Run inside an environment: what it would import, without importing any of it.
@@ -52,6 +57,13 @@ def dist(name):
 print(json.dumps({"python": platform.python_version(), "executable": sys.executable,
                   "torch": dist("torch"), "transformers": dist("transformers")}))
 """
+
+
+class Output(Protocol):
+    """Where a build's output goes: a terminal, or the gateway's log and progress."""
+
+    def write(self, text: str, /) -> int: ...
+    def flush(self) -> None: ...
 
 
 class EnvironmentMissing(Exception):
@@ -93,12 +105,61 @@ def python_for(name: str, entry: ModelEntry, envs_dir: Path) -> str:
     return str(path / "bin" / "python")
 
 
+async def ensure_python(
+    name: str,
+    entry: ModelEntry,
+    envs_dir: Path,
+    *,
+    auto_build: bool,
+    on_progress: Callable[[dict[str, Any]], None],
+) -> str:
+    """`python_for`, building a missing requirements environment first when allowed.
+
+    The build runs in a thread (pip takes minutes); its output goes to the log and, line
+    by line, to `on_progress` as the model's `environment` stage, as a download does.
+    """
+    try:
+        return python_for(name, entry, envs_dir)
+    except EnvironmentMissing as exc:
+        if entry.python_env is None or not entry.python_env.requirements:
+            raise
+        if not auto_build:
+            raise EnvironmentMissing(f"{exc} (gateway.auto_build_envs is off)") from exc
+    loop = asyncio.get_running_loop()
+
+    def report(line: str) -> None:
+        log.info("[%s] env build: %s", name, line)
+        message = {"event": "progress", "stage": "environment", "message": line}
+        loop.call_soon_threadsafe(on_progress, message)
+
+    path = env_dir(name, entry, envs_dir)
+    report(f"building {path} ({', '.join(entry.python_env.requirements)})")
+    built = await asyncio.to_thread(build_env, name, entry, envs_dir, out=_Lines(report))
+    report(f"built in {built.seconds or 0:.1f}s: {describe(built.versions)}")
+    return built.python
+
+
+class _Lines(io.TextIOBase):
+    """A text stream that hands each complete, non-blank line to a callback."""
+
+    def __init__(self, emit: Callable[[str], None]) -> None:
+        self._emit = emit
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            if line.strip():
+                self._emit(line.strip())
+        return len(text)
+
+
 def _missing_interpreter(name: str, python: Path) -> NoReturn:
     raise EnvironmentMissing(f"model {name!r}: python_env.python {python} does not exist")
 
 
 def build_env(
-    name: str, entry: ModelEntry, envs_dir: Path, *, rebuild: bool = False, out: TextIO
+    name: str, entry: ModelEntry, envs_dir: Path, *, rebuild: bool = False, out: Output
 ) -> BuiltEnv:
     """Build (or find) the environment of a model whose `python_env` lists requirements."""
     assert entry.python_env is not None and entry.python_env.requirements
@@ -161,7 +222,7 @@ def describe(versions: dict[str, Any]) -> str:
     )
 
 
-def _run(command: list[str], doing: str, out: TextIO, show: bool = False) -> str:
+def _run(command: list[str], doing: str, out: Output, show: bool = False) -> str:
     """Run a build step; `show` streams its output (pip's) to `out` as it comes."""
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import gateway
 from gateway import rundir, threads
 from gateway.config import ModelEntry
-from gateway.envs import EnvironmentMissing, python_for
+from gateway.envs import EnvironmentBuildFailed, EnvironmentMissing, ensure_python
 from gateway.upstream import Upstream
 from gateway.worker.spec import SPEC_ENV, WorkerSpec
 from gateway.workerenv import worker_environment
@@ -194,11 +194,14 @@ class ProcessLauncher:
         cache_dir: Path,
         envs_dir: Path,
         key_sources: Callable[[], Iterable[str]] = tuple,
+        *,
+        auto_build_envs: bool = True,
     ) -> None:
         self.run_dir = run_dir
         self.cache_dir = cache_dir
         self.envs_dir = envs_dir
         self.key_sources = key_sources  # read at each launch: a reload may name new ones
+        self.auto_build_envs = auto_build_envs
         self.live: set[WorkerProcess] = set()
         self._shim = _package_shim(run_dir)
         self._instances = itertools.count(1)
@@ -208,8 +211,10 @@ class ProcessLauncher:
         if entry.is_remote:
             return RemoteBackend(name, entry)
         try:
-            python = python_for(name, entry, self.envs_dir)
-        except EnvironmentMissing as exc:
+            python = await ensure_python(
+                name, entry, self.envs_dir, auto_build=self.auto_build_envs, on_progress=on_progress
+            )
+        except (EnvironmentMissing, EnvironmentBuildFailed) as exc:
             raise LoadFailed("environment", str(exc)) from exc
         # Every instance has its own socket: a worker that is still draining after its
         # model was removed, or replaced, removes only its own when it stops.

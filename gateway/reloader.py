@@ -39,6 +39,7 @@ ON_RELOAD: dict[str, Literal["live", "restart"]] = {
     "max_body_bytes": "live",  # BodyLimit, per request
     "cache_dir": "restart",  # the worker launcher is built with it at start
     "envs_dir": "restart",
+    "auto_build_envs": "restart",  # the worker launcher is built with it at start
     "watch_config": "live",  # the watcher runs always and asks at each poll
     "cors_origins": "live",  # LiveCORS, per request
     "auth": "live",  # key sources re-read at every reload; ApiKeyAuth, per request

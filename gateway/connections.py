@@ -5,7 +5,8 @@ bounds a connection that never sends a request, or sends it a byte at a time; ea
 file descriptor, and once the descriptors run out the gateway accepts nothing, not even
 `/health`. `GuardedH11Protocol` (uvicorn's h11 protocol, passed as `Config(http=...)`)
 closes a connection whose request header is not complete `header_timeout_s` after it
-opened or after its previous response ended, or whose request body stalls for as long.
+opened or after its previous response ended, or whose request body is not in within
+`BODY_TIMEOUT_FACTOR` times as long.
 When `max_connections` are open (fewer where the process's descriptor limit is lower), a
 new connection closes the oldest one that is waiting for a request header; when none is
 waiting, every open connection is busy with a request, and the new one is closed instead.
@@ -27,6 +28,9 @@ log = logging.getLogger(__name__)
 # Descriptors kept for everything but client connections: worker pipes and sockets,
 # connections to upstreams, log files, the config watcher.
 RESERVED_FDS = 128
+# A request body must arrive within this many header timeouts (60 s by default) from the end
+# of its header, however its bytes are spaced: enough for a 4 MiB body at 70 KiB/s.
+BODY_TIMEOUT_FACTOR = 6.0
 
 
 def descriptor_cap(max_connections: int) -> int:
@@ -85,6 +89,7 @@ class GuardedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._deadline: asyncio.TimerHandle | None = None
+        self._reading_body = False  # the body's deadline is set once, when its header is in
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -105,8 +110,11 @@ class GuardedH11Protocol(H11Protocol):
             return  # the header's deadline runs on, however slowly its bytes come
         self.guard.waiting.pop(self, None)  # a request header is in
         if state is h11.SEND_BODY:
-            self._arm()  # a body may take long, but may not stall for longer than this
+            if not self._reading_body:  # a body trickled in a byte at a time ends too
+                self._reading_body = True
+                self._arm(BODY_TIMEOUT_FACTOR)
         else:
+            self._reading_body = False
             self._disarm()
 
     def on_response_complete(self) -> None:
@@ -124,9 +132,10 @@ class GuardedH11Protocol(H11Protocol):
         self.guard.waiting[self] = None
         self._arm()
 
-    def _arm(self) -> None:
+    def _arm(self, factor: float = 1.0) -> None:
         self._disarm()
-        self._deadline = self.loop.call_later(self.guard.header_timeout_s, self._expired)
+        timeout = self.guard.header_timeout_s * factor
+        self._deadline = self.loop.call_later(timeout, self._expired)
 
     def _expired(self) -> None:
         self._deadline = None

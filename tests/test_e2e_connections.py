@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import resource
+import select
 import socket
 import time
 from collections.abc import Iterator
@@ -116,6 +117,23 @@ def test_a_request_body_that_stalls_is_cut_off(tiny_model: Path, tmp_path: Path)
         head = b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
         stall.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"prompt": ')
         closed_by_server(stall)  # returns: the server closed it
+        assert gw.client.get("/health").status_code == 200
+
+
+def test_a_request_body_sent_a_byte_at_a_time_is_cut_off(tiny_model: Path, tmp_path: Path) -> None:
+    # Each byte comes well within the header timeout: only a deadline for the whole body
+    # (BODY_TIMEOUT_FACTOR header timeouts) ends it.
+    with Gateway(config(tmp_path, tiny_model, header_timeout_s=1)) as gw, connect(gw) as drip:
+        head = b"POST /a HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+        drip.sendall(head + b"Content-Length: 100\r\n\r\n")
+        started = time.monotonic()
+        with contextlib.suppress(OSError):
+            while time.monotonic() - started < WAIT:
+                drip.sendall(b" ")
+                readable, _, _ = select.select([drip], [], [], 0.5)
+                if readable and not drip.recv(4096):
+                    break  # closed by the server
+        assert time.monotonic() - started < WAIT
         assert gw.client.get("/health").status_code == 200
 
 

@@ -104,7 +104,9 @@ DEVICE_KEYS_SCHEMA: JsonDict = {"propertyNames": {"pattern": f"^({DEVICE_KEY})$"
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No setting is infinite or NaN: a timeout of .inf never fires, an interval of 1e-300
+    # is a busy loop (see the intervals' own lower bounds).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # The accepted range of each sampling setting, for requests and the registry alike (see
@@ -453,7 +455,7 @@ class GatewaySettings(Strict):
         30.0, ge=0, description="Seconds unloading or shutdown waits for requests in flight."
     )
     probe_interval_s: float = Field(
-        5.0, gt=0, description="Seconds between health probes of each ready worker."
+        5.0, ge=0.1, description="Seconds between health probes of each ready worker."
     )
     probe_failures: int = Field(
         3, gt=0, description="Consecutive failed probes before the worker is replaced."

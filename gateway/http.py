@@ -47,7 +47,9 @@ def install_error_handlers(app: FastAPI) -> None:
         message = {404: f"no route {request.url.path}", 405: "method not allowed here"}.get(
             exc.status_code, str(exc.detail)
         )
-        error = error_for_status(exc.status_code, message)
+        # The framework's own 400 is a body it could not decode (bad UTF-8, too deep).
+        code = "invalid_json" if exc.status_code == 400 else None
+        error = error_for_status(exc.status_code, message, code=code)
         error.status = exc.status_code
         error.headers = dict(exc.headers or {})
         return error_response(error)
@@ -73,10 +75,10 @@ def validation_error(request: Request, exc: RequestValidationError) -> GatewayEr
         ctx = first.get("ctx")
         reason = ctx.get("error", "invalid") if isinstance(ctx, dict) else "invalid"
         return BadRequest(f"malformed JSON body: {reason}", code="invalid_json")
-    if not loc and not _is_json(request):
-        return UnsupportedMediaType("send a JSON body with Content-Type: application/json")
     if kind == "missing" and not loc:
         return BadRequest("the request body is missing; send a JSON object")
+    if not loc and not _is_json(request):
+        return UnsupportedMediaType("send a JSON body with Content-Type: application/json")
     if kind == "extra_forbidden":
         return BadRequest(f"unknown field {param!r}", param=param, code="unknown_field")
     if kind == "missing":
@@ -105,7 +107,7 @@ def _is_union_tag(part: str) -> bool:
 
 def _is_json(request: Request) -> bool:
     content_type = request.headers.get("content-type", "")
-    return content_type.split(";")[0].strip().lower() in ("application/json", "")
+    return content_type.split(";")[0].strip().lower() == "application/json"
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -49,7 +49,7 @@ def _a_bool(value: object) -> object:
 
 # A per-request keep-alive: seconds to stay loaded after this request; 0 unloads at once,
 # -1 keeps the model loaded until evicted or unloaded by an admin.
-KeepAlive = Annotated[float, Field(ge=-1)]
+KeepAlive = Annotated[float, Field(ge=-1, allow_inf_nan=False)]
 MaxTokens = Annotated[int, Field(gt=0)]
 OnlyZero = Annotated[float, Field(ge=0, le=0)]  # an OpenAI penalty this gateway does not apply
 OnlyOne = Annotated[Literal[1], BeforeValidator(_not_a_bool)]

@@ -558,3 +558,18 @@ def test_no_command_prints_usage_and_fails(capsys: pytest.CaptureFixture[str]) -
 def test_a_key_with_brackets_is_reported_as_an_unknown_key(key: str) -> None:
     issues = issues_of(f"{key}: 1\nmodels: {{}}\n")
     assert [i.message for i in issues] == [f"unknown key {key.strip(chr(39))!r}"]
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        "probe_interval_s: 1e-300",
+        "load_timeout_s: .inf",
+        "drain_timeout_s: .inf",
+        "idle_unload_s: .nan",
+    ],
+)
+def test_an_interval_or_timeout_that_cannot_work_is_rejected(setting: str) -> None:
+    # An infinite timeout never fires; a vanishing probe interval is a busy loop.
+    issue = only_issue(f"gateway:\n  {setting}\nmodels:\n  m: {{source: ./m}}\n")
+    assert issue.path == f"gateway.{setting.split(':')[0]}"

@@ -449,3 +449,38 @@ def test_no_client_mistake_caused_an_internal_error(gateway: Gateway) -> None:
     assert "Traceback" not in log
     assert "unhandled error" not in log
     assert " 500 " not in log
+
+
+@pytest.mark.parametrize("path", ["/health", "/ready", "/metrics", "/openapi.json", "/docs"])
+def test_a_post_to_one_of_the_gateways_own_routes_is_the_wrong_method(
+    gateway: Gateway, path: str
+) -> None:
+    reply = gateway.client.post(path, json={"prompt": "hi"})
+    assert reply.status_code == 405, reply.text
+    assert reply.json()["error"]["type"] == "invalid_request_error"
+    assert reply.headers["allow"] == "GET, HEAD"
+
+
+def test_a_body_without_a_content_type_is_415(gateway: Gateway) -> None:
+    reply = gateway.client.post(
+        "/tiny", content=b'{"prompt": "hi", "max_length": 2}', headers={"Content-Type": ""}
+    )
+    assert reply.status_code == 415, reply.text
+    assert reply.json()["error"]["code"] == "unsupported_media_type"
+
+
+@pytest.mark.parametrize(
+    "body", [b'{"prompt": "\xff\xfe"}', b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"]
+)
+def test_a_body_the_framework_cannot_decode_is_invalid_json(gateway: Gateway, body: bytes) -> None:
+    reply = gateway.client.post("/tiny", content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["code"] == "invalid_json"
+
+
+@pytest.mark.parametrize("value", ["Infinity", "1e400", "NaN"])
+def test_an_infinite_keep_alive_is_refused(gateway: Gateway, value: str) -> None:
+    body = b'{"prompt": "hi", "max_length": 1, "keep_alive": ' + value.encode() + b"}"
+    reply = gateway.client.post("/tiny", content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == "keep_alive"

@@ -214,20 +214,7 @@
   async function readEvents(signal) {
     const response = await api("/admin/events", { admin: true, signal });
     $("live").textContent = "Live: state changes appear as they happen.";
-    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buffer = "";
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return;
-      buffer += value;
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const block = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trim()).join("\n");
-        if (data) onEvent(JSON.parse(data));
-      }
-    }
+    for await (const event of chunks(response)) onEvent(event); // one SSE reader for both
   }
 
   async function watchEvents() {

@@ -144,6 +144,11 @@ class WorkerProcess:
             task.cancel()
         if late:
             await asyncio.wait(late)
+            # Close the pipes the child still holds: asyncio offers no public way, and an
+            # open transport is a descriptor lost for as long as that child lives.
+            transport = getattr(self.process, "_transport", None)
+            if transport is not None:
+                transport.close()
 
     def kill_now(self) -> None:
         """Last resort at interpreter exit: no event loop needed."""

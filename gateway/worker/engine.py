@@ -247,10 +247,7 @@ class Engine:
         """Tell each row it failed, then return the memory the failure left; never raises,
         since the generation thread must outlive any one failure."""
         for row in rows:
-            try:
-                row.fail(error)
-            except Exception as exc:
-                log.error("a row could not be told that it failed: %s", _traceback_text(exc))
+            row.fail(error)  # never raises: a broken reply channel is logged by the row
         try:
             _free_memory()
         except Exception as exc:

@@ -121,3 +121,13 @@ def test_models_shows_the_batch_size_the_worker_chose(tiny_model: Path, tmp_path
         # The tiny model's cache at full context is a few MiB a row: the cap binds.
         assert cards["auto"]["runtime"]["max_batch_size"] == 24
         assert cards["fixed"]["runtime"]["max_batch_size"] == 3
+
+
+def test_the_batch_size_and_the_memory_report_count_the_kv_cache_alike() -> None:
+    import torch
+
+    from gateway.worker.memory import kv_cache_bound
+
+    gpt2 = SimpleNamespace(n_layer=2, n_head=4, n_embd=64)  # GPT-2's names for the shape
+    assert sizing.kv_bytes_per_token(gpt2, 4) == 2 * 2 * 4 * 16 * 4
+    assert kv_cache_bound(gpt2, torch.float32, 8, 100) == 2 * 2 * 4 * 16 * 4 * 8 * 100

@@ -59,21 +59,11 @@ def memory_report(
 
 def kv_cache_bound(config: Any, dtype: Any, max_batch_size: int, context_length: int) -> int:
     """Keys and values of every layer for a full batch at the full context (0: unknown)."""
-    layers = _int(config, "num_hidden_layers", "n_layer", "num_layers")
-    heads = _int(config, "num_attention_heads", "n_head")
-    kv_heads = _int(config, "num_key_value_heads", "n_head_kv") or heads
-    hidden = _int(config, "hidden_size", "n_embd")
-    head_dim = _int(config, "head_dim") or (hidden // heads if heads else 0)
+    from gateway.worker.sizing import kv_bytes_per_token
+
     itemsize = int(getattr(dtype, "itemsize", 0) or 0)
-    return 2 * layers * kv_heads * head_dim * itemsize * max_batch_size * context_length
-
-
-def _int(config: Any, *keys: str) -> int:
-    for key in keys:
-        value = getattr(config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return 0
+    per_token = kv_bytes_per_token(config, itemsize) or 0
+    return per_token * max_batch_size * context_length
 
 
 def _placement(model: Any) -> dict[str, int | str]:

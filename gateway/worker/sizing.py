@@ -43,21 +43,27 @@ def thread_count() -> int:
 
 
 def kv_bytes_per_token(config: Any, element_size: int) -> int | None:
-    """Keys and values of one token over every layer, or None if the config does not say."""
+    """Keys and values of one token over every layer, or None if the config does not say
+    (the names of transformers' configs, and GPT-2's)."""
     text_config = getattr(config, "get_text_config", None)
     config = text_config() if callable(text_config) else config
-    layers = getattr(config, "num_hidden_layers", None)
-    heads = getattr(config, "num_attention_heads", None)
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None)
-    hidden = getattr(config, "hidden_size", None)
-    if head_dim is None and isinstance(hidden, int) and isinstance(heads, int) and heads:
-        head_dim = hidden // heads
-    sizes = (layers, kv_heads, head_dim)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes):
+    layers = _size(config, "num_hidden_layers", "n_layer", "num_layers")
+    heads = _size(config, "num_attention_heads", "n_head")
+    kv_heads = _size(config, "num_key_value_heads", "n_head_kv") or heads
+    hidden = _size(config, "hidden_size", "n_embd")
+    head_dim = _size(config, "head_dim") or (hidden // heads if heads else 0)
+    if not (layers and kv_heads and head_dim):
         return None
-    assert isinstance(layers, int) and isinstance(kv_heads, int) and isinstance(head_dim, int)
     return 2 * layers * kv_heads * head_dim * element_size
+
+
+def _size(config: Any, *keys: str) -> int:
+    """The first of `keys` the config sets to a positive integer (0 if none does)."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return 0
 
 
 def rows_that_fit(per_row_bytes: int | None, free_bytes: int | None, cap: int) -> int:

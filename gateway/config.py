@@ -237,6 +237,83 @@ class Upstream(Strict):
     )
 
 
+Engine = Literal["transformers", "vllm", "command"]
+# The placeholders a `command` argv may name, filled at each start (gateway/engines/argv.py).
+COMMAND_PLACEHOLDERS = ("port", "host", "model_path", "socket", "name")
+# Flags the gateway owns when it starts vLLM: it must know where the engine listens and
+# under what name, and it talks to the engine without a key.
+GATEWAY_OWNED_VLLM_FLAGS = frozenset(
+    {"model", "served-model-name", "host", "port", "uds", "api-key", "root-path"}
+)
+_FLAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+EngineArgValue = str | int | float | bool | list[str | int | float] | dict[str, object]
+
+
+def _flag_name(flag: str) -> str:
+    return flag.lstrip("-").split("=", 1)[0].replace("_", "-").lower()
+
+
+def check_engine_args(value: list[str] | dict[str, object]) -> list[str] | dict[str, object]:
+    """`engine_args` as a list of argv strings or a mapping of flag to value; neither may
+    set a flag the gateway owns."""
+    if isinstance(value, dict):
+        for flag in value:
+            if not _FLAG.match(flag.lstrip("-")) or flag.startswith("---"):
+                raise ValueError(f"{flag!r} is not a flag name such as max-num-seqs")
+        flags = [_flag_name(flag) for flag in value]
+    else:
+        if any("\x00" in item for item in value):
+            raise ValueError("an engine argument may not contain a NUL character")
+        flags = [_flag_name(item) for item in value if item.startswith("-")]
+    owned = sorted(set(flags) & GATEWAY_OWNED_VLLM_FLAGS)
+    if owned:
+        raise ValueError(
+            f"--{owned[0]} is set by the gateway (from the entry and its own port); "
+            "leave it out of `engine_args`"
+        )
+    return value
+
+
+class CommandEngine(Strict):
+    """Any OpenAI-compatible server, started by the gateway for this model."""
+
+    argv: list[str] = Field(
+        min_length=1,
+        description=(
+            "The command and its arguments; {port}, {host}, {model_path}, {socket} and {name} "
+            "are filled at each start ({{ and }} for literal braces)."
+        ),
+    )
+    ready_path: str = Field(
+        "/health",
+        pattern=r"^/[^\s]*$",
+        description="Path that answers 200 once the server is ready; also its health probe.",
+    )
+
+    @field_validator("argv")
+    @classmethod
+    def _known_placeholders(cls, argv: list[str]) -> list[str]:
+        import string
+
+        for item in argv:
+            if "\x00" in item:
+                raise ValueError("an argument may not contain a NUL character")
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(item) if f is not None]
+            except ValueError as exc:
+                raise ValueError(f"{item!r}: {exc} (write {{{{ and }}}} for braces)") from None
+            unknown = [f for f in fields if f not in COMMAND_PLACEHOLDERS]
+            if unknown:
+                raise ValueError(
+                    f"{item!r} names {{{unknown[0]}}}; the placeholders are "
+                    + ", ".join(f"{{{p}}}" for p in COMMAND_PLACEHOLDERS)
+                )
+        return argv
+
+    def names(self, placeholder: str) -> bool:
+        return any("{" + placeholder + "}" in item for item in self.argv)
+
+
 Hub = Literal["local", "modelscope", "huggingface"]
 DType = Literal["float32", "bfloat16", "float16", "auto"]
 # `auto`: flash_attention_2 where flash-attn is installed and the GPU, dtype and model
@@ -307,6 +384,24 @@ class ModelEntry(Strict):
         description=(
             "A remote OpenAI-compatible server that serves this name instead of a local worker."
         ),
+    )
+    engine: Engine = Field(
+        "transformers",
+        description=(
+            "What serves the model: `transformers` (the gateway's own worker), `vllm` (vLLM's "
+            "OpenAI server, started in `python_env`) or `command` (any OpenAI-compatible "
+            "server started by `command`)."
+        ),
+    )
+    engine_args: list[str] | dict[str, EngineArgValue] | None = Field(
+        None,
+        description=(
+            "Extra vLLM flags: a list of arguments, or a mapping of flag to value (true: the "
+            "bare flag, false: left out, a list: several values, a mapping: JSON)."
+        ),
+    )
+    command: CommandEngine | None = Field(
+        None, description="For `engine: command`: how to start the server."
     )
     adapter: str = Field(
         "chat_template",
@@ -390,9 +485,19 @@ class ModelEntry(Strict):
                 raise ValueError(problem)
         return value
 
+    @field_validator("engine_args")
+    @classmethod
+    def _engine_args(
+        cls, value: list[str] | dict[str, object] | None
+    ) -> list[str] | dict[str, object] | None:
+        return None if value is None else check_engine_args(value)
+
     @model_validator(mode="after")
     def _source_or_upstream(self) -> ModelEntry:
-        if (self.source is None) == (self.upstream is None):
+        self._check_engine()
+        if self.engine == "command":
+            pass  # a command may start a server that finds its own weights
+        elif (self.source is None) == (self.upstream is None):
             raise ValueError("give either `source` (a path or hub id) or `upstream` (a URL)")
         if isinstance(self.devices, list) and not self.devices:
             raise ValueError("`devices` must be `cpu` or a non-empty list of GPU indices")
@@ -412,9 +517,30 @@ class ModelEntry(Strict):
             )
         return self
 
+    def _check_engine(self) -> None:
+        if self.engine != "transformers" and self.upstream is not None:
+            raise ValueError(f"`upstream` serves the model itself: drop `engine: {self.engine}`")
+        if self.engine == "command":
+            if self.command is None:
+                raise ValueError("`engine: command` needs `command: {argv: [...]}`")
+            if self.command.names("model_path") and self.source is None:
+                raise ValueError("the command names {model_path}: give `source`")
+        elif self.command is not None:
+            raise ValueError("`command` is only for `engine: command`")
+        if self.engine_args is not None and self.engine != "vllm":
+            raise ValueError(
+                "`engine_args` is only for `engine: vllm` (a command carries its own arguments)"
+            )
+
     @property
     def is_remote(self) -> bool:
         return self.upstream is not None
+
+    @property
+    def relays(self) -> bool:
+        """Served by a server the gateway relays to (vLLM, a command, a remote upstream)
+        rather than its own worker: request fields it does not read pass through."""
+        return self.upstream is not None or self.engine != "transformers"
 
 
 class Auth(Strict):

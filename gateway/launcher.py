@@ -1,4 +1,5 @@
-"""Start a model's backend: a worker process on a unix socket, or a remote upstream.
+"""Start a model's backend: a worker process on a unix socket, a started engine (vLLM or
+a command, `gateway/engines/`), or a remote upstream.
 
 A worker is `python -m gateway.worker` under the model's interpreter, in its own session
 (so a terminal's Ctrl-C reaches the gateway, which then stops its workers in order), with
@@ -24,7 +25,10 @@ from typing import Any, Protocol
 import gateway
 from gateway import rundir, threads
 from gateway.config import ModelEntry
+from gateway.engines import argv as engine_argv
+from gateway.engines.process import HOST, EngineFailed, EngineProcess, free_port
 from gateway.envs import EnvironmentBuildFailed, EnvironmentMissing, ensure_python
+from gateway.hub import locate, missing_message
 from gateway.upstream import Upstream
 from gateway.worker.spec import SPEC_ENV, WorkerSpec
 from gateway.workerenv import worker_environment
@@ -41,11 +45,13 @@ class LoadFailed(Exception):
 
 
 class Backend(Protocol):
-    """A started model. `exited` completes when it stops serving for good."""
+    """A started model. `exited` completes when it stops serving for good; `probe_path`
+    is its health probe (None: not probed, as a remote upstream is not ours to restart)."""
 
     upstream: Upstream
     runtime: dict[str, Any]
     pid: int | None
+    probe_path: str | None
 
     @property
     def exited(self) -> asyncio.Future[int]: ...
@@ -56,8 +62,13 @@ class Launcher(Protocol):
     async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> Backend: ...
 
 
+class Killable(Protocol):
+    def kill_now(self) -> None: ...
+
+
 class RemoteBackend:
     pid: int | None = None
+    probe_path: str | None = None
 
     def __init__(self, name: str, entry: ModelEntry) -> None:
         assert entry.upstream is not None
@@ -85,6 +96,7 @@ class WorkerProcess:
         self.pid: int | None = process.pid
         self.socket = socket
         self.upstream = Upstream("http://worker", uds=socket, label=f"the worker of {name!r}")
+        self.probe_path: str | None = "/health"
         self.runtime: dict[str, Any] = {}
         self.stderr_tail: deque[str] = deque(maxlen=30)
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
@@ -207,7 +219,7 @@ class ProcessLauncher:
         self.envs_dir = envs_dir
         self.key_sources = key_sources  # read at each launch: a reload may name new ones
         self.auto_build_envs = auto_build_envs
-        self.live: set[WorkerProcess] = set()
+        self.live: set[Killable] = set()
         self._shim = _package_shim(run_dir)
         self._instances = itertools.count(1)
         self.cores = threads.CoreShares()
@@ -215,12 +227,9 @@ class ProcessLauncher:
     async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> Backend:
         if entry.is_remote:
             return RemoteBackend(name, entry)
-        try:
-            python = await ensure_python(
-                name, entry, self.envs_dir, auto_build=self.auto_build_envs, on_progress=on_progress
-            )
-        except (EnvironmentMissing, EnvironmentBuildFailed) as exc:
-            raise LoadFailed("environment", str(exc)) from exc
+        python = await self._python(name, entry, on_progress)
+        if entry.engine != "transformers":
+            return await self._launch_engine(name, entry, python, on_progress)
         # Every instance has its own socket: a worker that is still draining after its
         # model was removed, or replaced, removes only its own when it stops.
         socket = rundir.socket_path(self.run_dir, next(self._instances))
@@ -252,6 +261,109 @@ class ProcessLauncher:
             self.live.discard(worker)
             raise
         return worker
+
+    async def _python(self, name: str, entry: ModelEntry, on_progress: Progress) -> str:
+        if entry.engine == "command":
+            return sys.executable  # unused: a command names its own program
+        try:
+            return await ensure_python(
+                name, entry, self.envs_dir, auto_build=self.auto_build_envs, on_progress=on_progress
+            )
+        except (EnvironmentMissing, EnvironmentBuildFailed) as exc:
+            raise LoadFailed("environment", str(exc)) from exc
+
+    async def _launch_engine(
+        self, name: str, entry: ModelEntry, python: str, on_progress: Progress
+    ) -> Backend:
+        """vLLM or a command: its argv from the entry, a private port, its guard."""
+        model_path = await self._weights(name, entry, on_progress) if entry.source else ""
+        port = free_port()
+        socket = rundir.socket_path(self.run_dir, next(self._instances))
+        try:
+            if entry.engine == "vllm":
+                argv = [python, *engine_argv.vllm_argv(name, entry, model_path, HOST, port)]
+                ready_path = "/health"
+            else:
+                assert entry.command is not None
+                values = {
+                    "port": str(port),
+                    "host": HOST,
+                    "model_path": model_path,
+                    "socket": socket,
+                    "name": name,
+                }
+                argv = engine_argv.command_argv(entry.command.argv, values)
+                ready_path = entry.command.ready_path
+        except engine_argv.EngineConfigError as exc:
+            raise LoadFailed("config", str(exc)) from exc
+        over_socket = entry.engine == "command" and entry.command is not None
+        over_socket = over_socket and entry.command.names("socket")  # type: ignore[union-attr]
+        label = f"the {entry.engine} engine of {name!r}"
+        if over_socket:
+            upstream = Upstream("http://engine", uds=socket, label=label)
+        else:
+            upstream = Upstream(f"http://{HOST}:{port}", label=label)
+        engine = await EngineProcess.start(
+            name, entry.engine, argv, self._engine_environment(entry), upstream, ready_path
+        )
+        self.live.add(engine)
+        engine.exited.add_done_callback(lambda _: self.live.discard(engine))
+        try:
+            await engine.wait_ready(on_progress)
+        except EngineFailed as exc:
+            await engine.stop(2.0)
+            raise LoadFailed("crashed", str(exc)) from exc
+        except BaseException:
+            await engine.stop(2.0)
+            raise
+        engine.runtime.update({"port": None if over_socket else port, "argv": argv[1:]})
+        return engine
+
+    async def _weights(self, name: str, entry: ModelEntry, on_progress: Progress) -> str:
+        """The local directory of the entry's weights, downloaded first if need be (the
+        engine is given a path, never a hub id: one cache, one download, for every engine)."""
+        assert entry.source is not None
+        if entry.hub == "local":
+            return entry.source
+        found = locate(entry, entry.source, self.cache_dir)
+        if found is not None:
+            return str(found)
+        if not entry.auto_pull:
+            raise LoadFailed("weights", missing_message(name, entry, entry.source))
+        on_progress({"event": "progress", "stage": "download", "message": "downloading"})
+        request = json.dumps(
+            {"name": name, "entry": entry.model_dump(mode="json"), "cache": str(self.cache_dir)}
+        )
+        pull = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "gateway.worker.pull",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        out, err = await pull.communicate(request.encode())
+        if pull.returncode != 0:
+            raise LoadFailed("weights", err.decode(errors="replace").strip()[-500:])
+        return out.decode().strip().splitlines()[-1]
+
+    def _engine_environment(self, entry: ModelEntry) -> dict[str, str]:
+        """The worker's allow-list, the entry's `env:`, and vLLM's quiet defaults (no usage
+        reports, no hub: it is given a local path)."""
+        devices = entry.devices if isinstance(entry.devices, list) else []
+        defaults = {
+            "VLLM_NO_USAGE_STATS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+        }
+        settings = {
+            "PYTHONUNBUFFERED": "1",
+            "DO_NOT_TRACK": "1",
+            "LLMGW_PARENT_PID": str(os.getpid()),  # every process of the tree inherits it
+            "CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in devices),
+        }
+        base = {**defaults, **os.environ}
+        return worker_environment(base, self.key_sources(), entry.env, settings)
 
     def kill_all(self) -> None:
         for worker in list(self.live):

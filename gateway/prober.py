@@ -55,10 +55,12 @@ class Prober:
         self.failures = failures
 
     async def _probe(self, backend: Backend) -> bool:
-        if backend.pid is None:
+        if backend.probe_path is None:
             return True
         try:
-            await backend.upstream.get("/health", timeout=self.settings().probe_interval_s)
+            await backend.upstream.check(
+                backend.probe_path, timeout=self.settings().probe_interval_s
+            )
         except Exception as exc:
             log.warning("health probe of %s failed: %s", backend.upstream.label, exc)
             return False

@@ -66,6 +66,7 @@ def describe(runtime: ModelRuntime, idle_ttl: float | None) -> dict[str, Any]:
     runtime_info = backend.runtime if backend else None
     return {
         "state": runtime.state.value,
+        "engine": "remote" if entry.is_remote else entry.engine,
         "devices": entry.devices,
         "adapter": entry.adapter,
         "in_flight": runtime.in_flight,

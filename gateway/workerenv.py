@@ -73,6 +73,8 @@ ALLOWED_PREFIXES = (
     "OPENBLAS_",
     "XDG_",
     "LLMGW_",
+    # vLLM's own settings, for a model served by `engine: vllm`.
+    "VLLM_",
 )
 
 

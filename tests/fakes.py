@@ -17,6 +17,9 @@ class FakeUpstream(Upstream):
         super().__init__("http://fake", label=label)
         self.healthy = True
 
+    async def check(self, path: str, timeout: float = 5.0) -> None:
+        await self.get(path, timeout)
+
     async def get(self, path: str, timeout: float = 5.0) -> dict[str, Any]:
         if not self.healthy:
             raise ConnectionError(f"{self.label} does not answer")
@@ -29,6 +32,7 @@ class FakeBackend:
         self.pid: int | None = pid
         self.fake_upstream = FakeUpstream(name)
         self.upstream: Upstream = self.fake_upstream
+        self.probe_path: str | None = "/health"
         self.runtime: dict[str, Any] = {"memory": {"weights_bytes": weights}}
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.stopped = False

@@ -1,0 +1,134 @@
+"""The command line of a started engine: vLLM's flags from the registry entry, or a
+`command` template with its placeholders filled."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+
+from gateway.config import ModelEntry
+
+VLLM_SERVER = ("-m", "vllm.entrypoints.openai.api_server")
+# vLLM's own default share of each GPU, used when the entry gives no `max_memory`.
+VLLM_DEFAULT_UTILIZATION = 0.9
+MAX_UTILIZATION = 0.95
+
+
+class EngineConfigError(Exception):
+    """The entry cannot be turned into a command line (a message for the user)."""
+
+
+def vllm_argv(
+    name: str,
+    entry: ModelEntry,
+    model_path: str,
+    host: str,
+    port: int,
+    gpu_totals: Mapping[str, int] | None = None,
+) -> list[str]:
+    """vLLM's arguments (after the interpreter) for this entry.
+
+    Everything the entry says has a vLLM flag: `devices` → tensor parallelism over the
+    visible GPUs (CUDA_VISIBLE_DEVICES is set by the caller), `dtype`, the context length,
+    remote code, the revision, `max_memory` → `gpu_memory_utilization`. `engine_args`
+    come last, so they may override what the gateway derived.
+    """
+    args = [*VLLM_SERVER, "--model", model_path, "--served-model-name", name]
+    args += ["--host", host, "--port", str(port)]
+    args += ["--dtype", vllm_dtype(entry)]
+    if isinstance(entry.devices, list) and len(entry.devices) > 1:
+        args += ["--tensor-parallel-size", str(len(entry.devices))]
+    if entry.limits.context_length is not None:
+        args += ["--max-model-len", str(entry.limits.context_length)]
+    if entry.trust_remote_code:
+        args.append("--trust-remote-code")
+    if entry.revision and entry.hub != "local":
+        args += ["--revision", entry.revision]
+    utilization = gpu_memory_utilization(entry, gpu_totals)
+    if utilization is not None:
+        args += ["--gpu-memory-utilization", f"{utilization:.4f}"]
+    return args + engine_args(entry.engine_args)
+
+
+def vllm_dtype(entry: ModelEntry) -> str:
+    """The gateway's `auto` means float32 on CPU; on GPUs vLLM's own `auto` already picks
+    a 16-bit type the GPUs support."""
+    if entry.dtype != "auto":
+        return entry.dtype
+    return "float32" if entry.devices == "cpu" else "auto"
+
+
+def gpu_memory_utilization(entry: ModelEntry, totals: Mapping[str, int] | None) -> float | None:
+    """`max_memory` as vLLM's one fraction per GPU: the smallest budget's share of its GPU
+    (vLLM applies one fraction to every GPU of the model)."""
+    if entry.devices == "cpu" or not entry.max_memory:
+        return None
+    gpus = [str(d) for d in entry.devices]
+    sizes = dict(totals) if totals is not None else gpu_total_bytes()
+    missing = [g for g in gpus if g not in sizes]
+    if missing:
+        raise EngineConfigError(
+            f"cannot turn max_memory into vLLM's gpu_memory_utilization: GPU {missing[0]} "
+            "is not listed by nvidia-smi; leave `max_memory` out or fix `devices`"
+        )
+    share = min(entry.max_memory[g] / sizes[g] for g in gpus)
+    return round(min(share, MAX_UTILIZATION), 4)
+
+
+def gpu_total_bytes() -> dict[str, int]:
+    """Each GPU's memory by nvidia-smi index (the numbering `devices` uses)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        raise EngineConfigError("`max_memory` for vLLM needs nvidia-smi to size the GPUs")
+    out = subprocess.run(
+        [smi, "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
+    if out.returncode != 0:
+        raise EngineConfigError(f"nvidia-smi failed: {out.stderr.strip() or out.returncode}")
+    sizes: dict[str, int] = {}
+    for line in out.stdout.splitlines():
+        index, _, mib = line.partition(",")
+        if index.strip().isdigit() and mib.strip().isdigit():
+            sizes[index.strip()] = int(mib.strip()) * 2**20
+    return sizes
+
+
+def engine_args(value: list[str] | Mapping[str, object] | None) -> list[str]:
+    """`engine_args` as argv: a list as given; a mapping flag → value (true: the bare
+    flag, false: left out, a list: the flag then each value, a mapping: its JSON)."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return list(value)
+    out: list[str] = []
+    for flag, item in value.items():
+        option = flag if flag.startswith("-") else f"--{flag}"
+        if item is True:
+            out.append(option)
+        elif item is False:
+            continue
+        elif isinstance(item, list):
+            out += [option, *(str(v) for v in item)]
+        elif isinstance(item, dict):
+            out += [option, json.dumps(item)]
+        else:
+            out += [option, str(item)]
+    return out
+
+
+def command_argv(argv: list[str], values: Mapping[str, str]) -> list[str]:
+    """A `command` template filled in; `{{`/`}}` stay literal braces."""
+    filled = [item.format_map(values) for item in argv]
+    program = filled[0]
+    if "/" not in program and shutil.which(program) is None:
+        raise EngineConfigError(f"the command {program!r} is not on PATH")
+    if "/" in program and not Path(program).exists():
+        raise EngineConfigError(f"the command {program!r} does not exist")
+    return filled

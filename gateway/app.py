@@ -9,6 +9,7 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -24,7 +25,7 @@ from gateway.reloader import Reloader
 from gateway.routes.admin import admin_router
 from gateway.routes.health import health_router
 from gateway.routes.metrics import metrics_router
-from gateway.routes.openai import openai_router
+from gateway.routes.openai import add_body_schemas, openai_router
 from gateway.routes.playground import playground_router
 from gateway.routes.seed import seed_router
 from gateway.service import Inference
@@ -117,6 +118,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     app.include_router(admin_router(supervisor, reloader))
     app.include_router(playground_router(lambda: supervisor.registry.gateway.playground))
     app.include_router(seed_router(inference, supervisor))  # last: POST /{model} catches all
+    _document_bodies(app)
     # Middleware runs outside-in in reverse order of addition: metrics, CORS, auth, body limit.
     # Each reads the settings in force per request, so a reload applies to the next one.
     app.add_middleware(BodyLimit, max_bytes=lambda: reloader.settings().max_body_bytes)
@@ -124,3 +126,15 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     app.add_middleware(LiveCORS, origins=lambda: reloader.settings().cors_origins)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees every status
     return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """/openapi.json names the OpenAI bodies, which the routes validate themselves."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = add_body_schemas(build())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

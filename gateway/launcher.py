@@ -271,7 +271,11 @@ class ProcessLauncher:
         socket = rundir.socket_path(self.run_dir, next(self._instances))
         try:
             if entry.engine == "vllm":
-                argv = [python, *engine_argv.vllm_argv(name, entry, model_path, HOST, port)]
+                # Off the event loop: sizing the GPUs for `max_memory` runs nvidia-smi.
+                args = await asyncio.to_thread(
+                    engine_argv.vllm_argv, name, entry, model_path, HOST, port
+                )
+                argv = [python, *args]
                 ready_path = "/health"
             else:
                 assert entry.command is not None
@@ -286,8 +290,7 @@ class ProcessLauncher:
                 ready_path = entry.command.ready_path
         except engine_argv.EngineConfigError as exc:
             raise LoadFailed("config", str(exc)) from exc
-        over_socket = entry.engine == "command" and entry.command is not None
-        over_socket = over_socket and entry.command.names("socket")  # type: ignore[union-attr]
+        over_socket = entry.command is not None and entry.command.names("socket")
         label = f"the {entry.engine} engine of {name!r}"
         if over_socket:
             upstream = Upstream("http://engine", uds=socket, label=label)

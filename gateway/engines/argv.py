@@ -12,8 +12,6 @@ from pathlib import Path
 from gateway.config import ModelEntry
 
 VLLM_SERVER = ("-m", "vllm.entrypoints.openai.api_server")
-# vLLM's own default share of each GPU, used when the entry gives no `max_memory`.
-VLLM_DEFAULT_UTILIZATION = 0.9
 MAX_UTILIZATION = 0.95
 
 

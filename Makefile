@@ -76,7 +76,7 @@ schema: $(STAMP)  ## regenerate docs/models.schema.json from gateway/config.py
 	$(PY) -m gateway schema > docs/models.schema.json.tmp
 	mv docs/models.schema.json.tmp docs/models.schema.json
 
-bench: $(STAMP) $(VENV)/.bench-installed  ## run every benchmark, write docs/BENCHMARKS.md (~10 min)
+bench: $(STAMP) $(VENV)/.bench-installed vllm-env  ## run every benchmark, write docs/BENCHMARKS.md (~20 min)
 	$(PY) -m bench.run
 
 $(VENV)/.bench-installed: pyproject.toml $(CONSTRAINTS) | $(STAMP)

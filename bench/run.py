@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import cancel, coldstart, concurrency, defaults, health, overhead, ttft
+from bench import cancel, coldstart, concurrency, defaults, engines, health, overhead, ttft
 from bench.common import MODEL_SHAPE, ROOT, machine_notes, peer_threads
 from bench.report import Section, finish
 
@@ -33,20 +33,23 @@ ORDER = [
     "health",
     "coldstart",
     "cancel",
+    "engines",
 ]
 
 
-def benchmarks(quick: bool) -> dict[str, Callable[[], Section]]:
+def benchmarks(quick: bool) -> dict[str, Callable[[], list[Section]]]:
+    """Each benchmark's run; one may write several sections (engines writes two)."""
     scale = 0.5 if quick else 1.0
     return {
-        "overhead": lambda: overhead.run(rounds=int(40 * scale)),
-        "overhead-large": lambda: overhead.run(rounds=int(20 * scale), large=True),
-        "concurrency": lambda: concurrency.run(seconds=9.0 * scale),
-        "defaults": lambda: defaults.run(seconds=9.0 * scale),
-        "ttft": lambda: ttft.run(rounds=int(40 * scale)),
-        "health": lambda: health.run(seconds=8.0 * scale),
-        "coldstart": lambda: coldstart.run(repeats=3),
-        "cancel": lambda: cancel.run(cancels=int(20 * scale)),
+        "overhead": lambda: [overhead.run(rounds=int(40 * scale))],
+        "overhead-large": lambda: [overhead.run(rounds=int(20 * scale), large=True)],
+        "concurrency": lambda: [concurrency.run(seconds=9.0 * scale)],
+        "defaults": lambda: [defaults.run(seconds=9.0 * scale)],
+        "ttft": lambda: [ttft.run(rounds=int(40 * scale))],
+        "health": lambda: [health.run(seconds=8.0 * scale)],
+        "coldstart": lambda: [coldstart.run(repeats=3)],
+        "cancel": lambda: [cancel.run(cancels=int(20 * scale))],
+        "engines": lambda: engines.run(seconds=6.0 * scale, rounds=int(30 * scale)),
     }
 
 
@@ -154,7 +157,7 @@ def main() -> None:
     sections = []
     for key in args.only or ORDER:
         print(f"== {key}", flush=True)
-        sections.append(finish(runs[key]()))
+        sections += [finish(section) for section in runs[key]()]
     minutes = (time.perf_counter() - started) / 60
     print(f"ran in {minutes:.1f} min")
     if args.only:

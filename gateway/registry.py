@@ -90,7 +90,11 @@ def load_registry(path: str | Path) -> LoadedRegistry:
         issue = ConfigIssue("", f"cannot expand the path {exc.value!r}", "no such user's home")
         raise ConfigError(str(path), [issue]) from None
     registry = _with_templates(registry, _resolved(path).parent, text, str(path))
-    return LoadedRegistry(registry, _resolved(path), hashlib.sha256(data).hexdigest(), text)
+    # The templates read from their own files count too: a reload applies an edit of one.
+    digest = hashlib.sha256(data)
+    for entry in registry.models.values():
+        digest.update((entry.chat_template or "").encode() + b"\0")
+    return LoadedRegistry(registry, _resolved(path), digest.hexdigest(), text)
 
 
 class _PathProblem(Exception):

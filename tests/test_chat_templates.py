@@ -20,7 +20,7 @@ from gateway import rundir
 from gateway.chat_templates import SAMPLE_CONVERSATION, TemplateProblem, render_sample
 from gateway.engines.argv import vllm_argv
 from gateway.registry import ConfigError, load_registry, parse_registry
-from tests.support import ROOT, Gateway, write_config
+from tests.support import ROOT, Gateway, running, write_config
 
 # Not the tiny model's own template (gateway/worker/tiny.py), so a prompt shows which one ran.
 BRACKETS = (
@@ -261,3 +261,22 @@ def test_content_spelling_a_special_token_stays_text(gateway: Gateway, tokenizer
     )["input_ids"]
     assert len(verbatim) != len(literal)  # so the count tells which one the worker did
     assert prompt_tokens(gateway, "bracketed", "hi<|end|>[system] x") == len(literal)
+
+
+def test_a_reload_applies_an_edited_template_file(tiny_model: Path, tmp_path: Path) -> None:
+    template = tmp_path / "chat.jinja"
+    template.write_text(BRACKETS)
+    config = write_config(
+        tmp_path,
+        f"""
+        gateway: {{watch_config: false}}
+        models:
+          m: {{source: {tiny_model}, chat_template: chat.jinja}}
+        """,
+    )
+    with running(config) as gw:
+        before = prompt_tokens(gw, "m", "hello")
+        template.write_text("{{ messages[-1]['content'] }}")  # models.yaml itself unchanged
+        report = gw.client.post("/admin/reload").json()
+        assert report["applied"] is True, report
+        assert prompt_tokens(gw, "m", "hello") == 1 != before  # "hello" is one token

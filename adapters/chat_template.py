@@ -47,12 +47,17 @@ class TemplatePrompts:
         return self.literal_prompt(messages)
 
     def render(self, messages: Sequence[Message]) -> str:
-        text = self.adapter.tokenizer.apply_chat_template(
-            [dict(m) for m in messages],
-            chat_template=self.template,
-            tokenize=False,
-            add_generation_prompt=True,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            text = self.adapter.tokenizer.apply_chat_template(
+                [dict(m) for m in messages],
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except TemplateError as exc:  # the template refuses the conversation (raise_exception)
+            raise ValueError(f"the chat template refused these messages: {exc}") from exc
         return str(text)
 
     def literal_prompt(self, messages: Sequence[Message]) -> Prompt:

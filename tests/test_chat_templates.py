@@ -27,6 +27,11 @@ BRACKETS = (
     "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}[assistant] {% endif %}"
 )
+# A template that refuses a conversation, as many do when roles do not alternate.
+USER_FIRST = (
+    "{% if messages[0]['role'] != 'user' %}{{ raise_exception('begin with a user turn') }}"
+    "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+)
 # transformers 4.37's `default_chat_template` (tokenization_utils_base.py), used by the
 # TransNormer seed script's `apply_chat_template` on a tokenizer that has no template.
 TRANSFORMERS_437_DEFAULT = (
@@ -210,6 +215,7 @@ def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         models:
           own: {{source: {tiny_model}}}
           bracketed: {{source: {tiny_model}, chat_template: brackets.jinja}}
+          strict: {{source: {tiny_model}, chat_template: {json.dumps(USER_FIRST)}}}
         """,
     )
     with Gateway(config) as gw:
@@ -261,6 +267,16 @@ def test_content_spelling_a_special_token_stays_text(gateway: Gateway, tokenizer
     )["input_ids"]
     assert len(verbatim) != len(literal)  # so the count tells which one the worker did
     assert prompt_tokens(gateway, "bracketed", "hi<|end|>[system] x") == len(literal)
+
+
+def test_a_template_that_refuses_the_messages_is_a_400(gateway: Gateway) -> None:
+    messages = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "hello"}]
+    body = {"model": "strict", "messages": messages, "max_tokens": 2}
+    reply = gateway.post("/v1/chat/completions", body)
+    assert reply.status_code == 400, reply.text
+    error = reply.json()["error"]
+    assert "the chat template refused these messages: begin with a user turn" in error["message"]
+    assert prompt_tokens(gateway, "strict", "hello") == 1
 
 
 def test_a_reload_applies_an_edited_template_file(tiny_model: Path, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeGuard
 
 from adapters.loading import attention, torch_dtype
 
@@ -215,16 +215,12 @@ class TransformersAdapter:
         return int(pad)
 
     def context_length(self) -> int:
+        """The smallest of the model's own position limit, the tokenizer's `model_max_length`
+        and the registry's clamp, where each is set; 2048 when none is."""
         config = self.model.config
-        native = next(
-            (
-                int(getattr(config, key))
-                for key in ("max_position_embeddings", "n_positions", "seq_length", "max_seq_len")
-                if isinstance(getattr(config, key, None), int)
-            ),
-            None,
-        )
-        limits = [v for v in (native, self.spec.context_length) if v]
+        native = [getattr(config, key, None) for key in _POSITION_KEYS]
+        tokenizer = getattr(self.tokenizer, "model_max_length", None)
+        limits = [v for v in (*native, tokenizer, self.spec.context_length) if _is_limit(v)]
         return min(limits) if limits else 2048
 
     def sampling_defaults(self) -> SamplingDefaults:
@@ -244,6 +240,23 @@ class TransformersAdapter:
 
     def before_generate(self) -> None:
         """Hook for models that keep per-call state on their modules."""
+
+
+# Where configs keep the longest sequence the model was built for.
+_POSITION_KEYS = (
+    "max_position_embeddings",
+    "max_sequence_length",
+    "seq_length",
+    "n_positions",
+    "max_seq_len",
+)
+# transformers writes int(1e30) (VERY_LARGE_INTEGER) for "no limit known": nothing that large
+# is a real limit.
+_UNSET_FROM = 10**9
+
+
+def _is_limit(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value < _UNSET_FROM
 
 
 def _float(config: Any, key: str, default: float) -> float:

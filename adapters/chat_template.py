@@ -1,4 +1,5 @@
-"""Any model whose tokenizer ships a chat template (most modern instruct models).
+"""Any model whose tokenizer ships a chat template (most modern instruct models), and the
+registry's own `chat_template:` over any adapter (`TemplatePrompts`).
 
 Message content is text, never markup: content that spells one of the tokenizer's special
 tokens (`<|end|>`, `<|system|>`) is tokenized as the characters it is, while the template's
@@ -21,12 +22,18 @@ from adapters.base import Message, Prompt, TransformersAdapter
 _SLOT = re.compile("\ue000([0-9]+)\ue001")
 
 
-class ChatTemplateAdapter(TransformersAdapter):
-    name: ClassVar[str] = "chat_template"
-    _specials: re.Pattern[str] | None = None
+class TemplatePrompts:
+    """Chat prompts rendered by a Jinja chat template over an adapter's tokenizer: the
+    tokenizer's own (`template=None`) or one given by the registry. Everything else (stop
+    tokens, decoding, loading) stays the adapter's."""
+
+    def __init__(self, adapter: TransformersAdapter, template: str | None = None) -> None:
+        self.adapter = adapter
+        self.template = template
+        self._specials: re.Pattern[str] | None = None
 
     def chat_prompt(self, messages: Sequence[Message]) -> Prompt:
-        if not getattr(self.tokenizer, "chat_template", None):
+        if self.template is None and not getattr(self.adapter.tokenizer, "chat_template", None):
             raise ValueError(
                 "this model's tokenizer has no chat template; use /v1/completions, "
                 "or pick the adapter of its model family in models.yaml"
@@ -34,14 +41,23 @@ class ChatTemplateAdapter(TransformersAdapter):
         specials = self.special_tokens()
         if not any(specials.search(m["content"]) for m in messages):
             text = self.render(messages)
+            # Only the template's markup can spell special tokens here, and they are meant.
             # Templates already carry BOS; tokenizing with special tokens added would double it.
-            return Prompt(self.encode(text, add_special_tokens=False), text)
+            return Prompt(self.adapter.encode(text, add_special_tokens=False, literal=False), text)
         return self.literal_prompt(messages)
 
     def render(self, messages: Sequence[Message]) -> str:
-        text = self.tokenizer.apply_chat_template(
-            [dict(m) for m in messages], tokenize=False, add_generation_prompt=True
-        )
+        from jinja2 import TemplateError
+
+        try:
+            text = self.adapter.tokenizer.apply_chat_template(
+                [dict(m) for m in messages],
+                chat_template=self.template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+        except TemplateError as exc:  # the template refuses the conversation (raise_exception)
+            raise ValueError(f"the chat template refused these messages: {exc}") from exc
         return str(text)
 
     def literal_prompt(self, messages: Sequence[Message]) -> Prompt:
@@ -53,6 +69,7 @@ class ChatTemplateAdapter(TransformersAdapter):
                 "this model's chat template rewrites message content, so content that "
                 "spells a special token cannot be kept as text; remove the special token"
             )
+        encode = self.adapter.encode
         ids: list[int] = []
         text, pending = "", ""
         for index, piece in enumerate(pieces):
@@ -64,18 +81,19 @@ class ChatTemplateAdapter(TransformersAdapter):
             text += piece
             for place, part in enumerate(self.special_tokens().split(piece)):
                 if place % 2:  # the template's own special token, placed by id
-                    ids += [*self.encode(pending, literal=True), self.token_id(part)]
+                    ids += [*encode(pending, literal=True), self.token_id(part)]
                     pending = ""
                 else:
                     pending += part
-        ids += self.encode(pending, literal=True)
+        ids += encode(pending, literal=True)
         return Prompt(ids, text)
 
     def special_tokens(self) -> re.Pattern[str]:
         """A pattern matching any special token of the tokenizer (longest first), captured."""
         if self._specials is None:
-            tokens = {str(t) for t in self.tokenizer.all_special_tokens}
-            decoder: dict[int, Any] = getattr(self.tokenizer, "added_tokens_decoder", {})
+            tokenizer = self.adapter.tokenizer
+            tokens = {str(t) for t in tokenizer.all_special_tokens}
+            decoder: dict[int, Any] = getattr(tokenizer, "added_tokens_decoder", {})
             tokens |= {str(t.content) for t in decoder.values() if getattr(t, "special", False)}
             ordered = sorted((t for t in tokens if t), key=len, reverse=True)
             alternatives = "|".join(map(re.escape, ordered)) or "(?!)"  # none: never matches
@@ -83,4 +101,24 @@ class ChatTemplateAdapter(TransformersAdapter):
         return self._specials
 
     def token_id(self, token: str) -> int:
-        return int(self.tokenizer.convert_tokens_to_ids(token))
+        return int(self.adapter.tokenizer.convert_tokens_to_ids(token))
+
+
+class ChatTemplateAdapter(TransformersAdapter):
+    name: ClassVar[str] = "chat_template"
+    _prompts: TemplatePrompts | None = None
+
+    def chat_prompt(self, messages: Sequence[Message]) -> Prompt:
+        return self.prompts.chat_prompt(messages)
+
+    @property
+    def prompts(self) -> TemplatePrompts:
+        if self._prompts is None:
+            self._prompts = TemplatePrompts(self)
+        return self._prompts
+
+    def literal_prompt(self, messages: Sequence[Message]) -> Prompt:
+        return self.prompts.literal_prompt(messages)
+
+    def token_id(self, token: str) -> int:
+        return self.prompts.token_id(token)

@@ -5,7 +5,10 @@
 - Its modeling code imports triton unconditionally and reads `use_triton` with `eval()` at
   import time: without a GPU kernel to run, `use_triton=False` must be in the environment.
 - `NormLinearAttention.offset` survives from one `generate` to the next and changes the
-  results, so it is reset before every call, and the model never sees two requests at once.
+  results, so it is reset (on every module that has one) before every call. With it reset,
+  a left-padded row gives what it gives alone (the mask zeroes padded keys and values, and
+  positions enter only as differences), so whole `generate` calls are batched; the engine
+  never splices rows into a running batch, which would need no reset in between.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from adapters.base import Message, Prompt, TransformersAdapter
 
 class TransNormerAdapter(TransformersAdapter):
     name: ClassVar[str] = "transnormer"
-    max_batch_size: ClassVar[int | None] = 1
     literal_text: ClassVar[bool] = True
 
     def environment(self) -> dict[str, str]:

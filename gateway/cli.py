@@ -92,6 +92,7 @@ def run_check(args: argparse.Namespace) -> int:
         for name, entry in loaded.registry.models.items()
         for message, hint in local_source_problems(entry)
     ]
+    issues += _template_issues(loaded)
     if issues:
         raise ConfigError(args.config, issues)
     for warning in remote_code_warnings(loaded.registry.models):
@@ -99,6 +100,23 @@ def run_check(args: argparse.Namespace) -> int:
     count = len(loaded.registry.models)
     print(f"{args.config}: OK ({count} model{'s' if count != 1 else ''})")
     return 0
+
+
+def _template_issues(loaded: LoadedRegistry) -> list[ConfigIssue]:
+    """Each model's `chat_template:` rendered once on a sample conversation."""
+    from gateway.chat_templates import TemplateProblem, render_sample
+
+    issues = []
+    for name, entry in loaded.registry.models.items():
+        if entry.chat_template is None:
+            continue
+        try:
+            render_sample(entry.chat_template)
+        except TemplateProblem as exc:
+            loc = ("models", name, "chat_template")
+            hint = "fix the template: it must render system, user and assistant messages"
+            issues.append(ConfigIssue(".".join(loc), str(exc), hint, loaded.line(loc)))
+    return issues
 
 
 def run_schema(args: argparse.Namespace) -> int:

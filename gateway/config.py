@@ -148,7 +148,10 @@ class Limits(Strict):
     context_length: int | None = Field(
         None,
         gt=0,
-        description="Prompt plus reply, in tokens. Unset: the model's own; lower clamps it.",
+        description=(
+            "Prompt plus reply, in tokens. Unset: the smaller of the model config's limit and "
+            "the tokenizer's `model_max_length`; lower clamps it."
+        ),
     )
     max_concurrency: int = Field(32, gt=0, description="Requests generating at once.")
     max_queue: int = Field(
@@ -455,6 +458,15 @@ class ModelEntry(Strict):
     system_prompt: str | None = Field(
         None, description="Added when a request brings no system message."
     )
+    chat_template: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "The chat prompt format, over the adapter's: inline Jinja (text with `{%` or "
+            "`{{`), or a template file (relative to this file). The worker renders it with the "
+            "tokenizer; vLLM gets it as `--chat-template`."
+        ),
+    )
     generation: Generation = Field(Generation(), description="Defaults a request may override.")
     limits: Limits = Field(Limits(), description="Per-request and concurrency limits.")
     batching: Batching = Field(Batching(), description="How requests are batched.")
@@ -527,6 +539,11 @@ class ModelEntry(Strict):
                 raise ValueError("the command names {model_path}: give `source`")
         elif self.command is not None:
             raise ValueError("`command` is only for `engine: command`")
+        if self.chat_template is not None and (self.engine == "command" or self.upstream):
+            raise ValueError(
+                "`chat_template` is for the gateway's own worker and vLLM; a command or an "
+                "upstream server formats prompts itself"
+            )
         if self.engine_args is not None and self.engine != "vllm":
             raise ValueError(
                 "`engine_args` is only for `engine: vllm` (a command carries its own arguments)"

@@ -268,12 +268,18 @@ class ProcessLauncher:
         """vLLM or a command: its argv from the entry, a private port, its guard."""
         model_path = await self._weights(name, entry, on_progress) if entry.source else ""
         port = free_port()
-        socket = rundir.socket_path(self.run_dir, next(self._instances))
+        sequence = next(self._instances)
+        socket = rundir.socket_path(self.run_dir, sequence)
         try:
             if entry.engine == "vllm":
+                template = None
+                if entry.chat_template is not None:
+                    template = rundir.chat_template_path(
+                        self.run_dir, sequence, entry.chat_template
+                    )
                 # Off the event loop: sizing the GPUs for `max_memory` runs nvidia-smi.
                 args = await asyncio.to_thread(
-                    engine_argv.vllm_argv, name, entry, model_path, HOST, port
+                    engine_argv.vllm_argv, name, entry, model_path, HOST, port, None, template
                 )
                 argv = [python, *args]
                 ready_path = "/health"

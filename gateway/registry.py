@@ -13,8 +13,8 @@ import yaml
 from pydantic import ValidationError
 
 from adapters import ADAPTERS
+from gateway import chat_templates, yaml_reader
 from gateway import config_hints as hints
-from gateway import yaml_reader
 from gateway.config import MODEL_NAME, RESERVED_NAMES, Registry
 from gateway.workerenv import key_sources
 from gateway.yaml_reader import clip
@@ -69,10 +69,7 @@ class LoadedRegistry:
 
     def line(self, loc: tuple[str | int, ...]) -> int | None:
         """The line of the YAML path `loc` in the file as it was read."""
-        try:
-            return _line(yaml_reader.parse(self.text).root, loc)
-        except yaml_reader.YamlProblem:
-            return None
+        return _text_line(self.text, loc)
 
     @property
     def base_dir(self) -> Path:
@@ -92,7 +89,12 @@ def load_registry(path: str | Path) -> LoadedRegistry:
     except _PathProblem as exc:
         issue = ConfigIssue("", f"cannot expand the path {exc.value!r}", "no such user's home")
         raise ConfigError(str(path), [issue]) from None
-    return LoadedRegistry(registry, _resolved(path), hashlib.sha256(data).hexdigest(), text)
+    registry = _with_templates(registry, _resolved(path).parent, text, str(path))
+    # The templates read from their own files count too: a reload applies an edit of one.
+    digest = hashlib.sha256(data)
+    for entry in registry.models.values():
+        digest.update((entry.chat_template or "").encode() + b"\0")
+    return LoadedRegistry(registry, _resolved(path), digest.hexdigest(), text)
 
 
 class _PathProblem(Exception):
@@ -148,6 +150,33 @@ def _absolutize(registry: Registry, base: Path) -> Registry:
         }
     )
     return registry.model_copy(update={"gateway": settings, "models": models})
+
+
+def _with_templates(registry: Registry, base: Path, text: str, filename: str) -> Registry:
+    """Every `chat_template:` as its text: a file is read now, so a missing one fails the load."""
+    issues: list[ConfigIssue] = []
+    models = dict(registry.models)
+    for name, entry in registry.models.items():
+        if entry.chat_template is None:
+            continue
+        try:
+            template = chat_templates.read(entry.chat_template, base)
+        except chat_templates.TemplateProblem as exc:
+            loc = ("models", name, "chat_template")
+            hint = "give a path relative to the registry file, or the template inline"
+            issues.append(ConfigIssue(_dotted(loc), str(exc), hint, _text_line(text, loc)))
+            continue
+        models[name] = entry.model_copy(update={"chat_template": template})
+    if issues:
+        raise ConfigError(filename, issues)
+    return registry.model_copy(update={"models": models})
+
+
+def _text_line(text: str, loc: tuple[str | int, ...]) -> int | None:
+    try:
+        return _line(yaml_reader.parse(text).root, loc)
+    except yaml_reader.YamlProblem:
+        return None
 
 
 def parse_registry(text: str, filename: str = "models.yaml") -> Registry:

@@ -1,4 +1,5 @@
-"""The gateway's run directory: worker sockets and the package shim, one per gateway.
+"""The gateway's run directory: worker sockets, the package shim and the chat template files
+given to engines, one per gateway.
 
 It lives in the temporary directory as `llmgw-XXXXXXXX` and holds an `owner` file with the
 gateway's pid, that process's start time and its pid namespace. A gateway removes its own
@@ -53,6 +54,13 @@ def socket_path(run_dir: Path, sequence: int) -> str:
     name = f"w{sequence}.sock"
     assert len(name) <= SOCKET_NAME_MAX
     return str(run_dir / name)
+
+
+def chat_template_path(run_dir: Path, sequence: int, text: str) -> Path:
+    """A file holding the chat template of the `sequence`-th engine (vLLM reads a file)."""
+    path = run_dir / f"t{sequence}.jinja"
+    _write_atomically(path, text)
+    return path
 
 
 def remove(path: Path) -> None:

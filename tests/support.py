@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 def free_port() -> int:
@@ -160,3 +163,19 @@ def wait_until(predicate: Any, timeout: float = 20.0, interval: float = 0.05) ->
 def running(config: Path, env: dict[str, str] | None = None) -> Iterator[Gateway]:
     with Gateway(config, env) as gateway:
         yield gateway
+
+
+def scrape(gateway: Gateway) -> Samples:
+    """Every sample of the gateway's GET /metrics, by name and labels."""
+    reply = gateway.client.get("/metrics")
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(reply.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.base import LoadSpec
+from adapters.base import LoadSpec, TransformersAdapter
 from adapters.transnormer import TransNormerAdapter
 
 
@@ -78,8 +78,13 @@ def test_triton_is_switched_off_without_a_gpu_only() -> None:
     assert on_gpu.environment() == {}
 
 
-def test_never_batched() -> None:
-    assert TransNormerAdapter.max_batch_size == 1
+def test_batched_per_generate_call_with_offset_reset_before_each() -> None:
+    from gateway.worker.engine import _can_splice
+
+    assert TransNormerAdapter.max_batch_size is None  # batches as large as the engine's
+    # The reset hook rules out continuous batching: its decoding loop makes no generate call.
+    assert TransNormerAdapter.before_generate is not TransformersAdapter.before_generate
+    assert not _can_splice(TransNormerAdapter(LoadSpec(Path("unused"))))
 
 
 @pytest.mark.parametrize("role", ["system", "user", "assistant"])

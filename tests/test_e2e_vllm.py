@@ -20,11 +20,16 @@ import httpx
 import pytest
 
 from adapters.base import LoadSpec
-from adapters.chat_template import ChatTemplateAdapter
+from adapters.chat_template import ChatTemplateAdapter, TemplatePrompts
 from tests.fixtures.vllm_env import START_S, VLLM_PYTHON, vllm_marks
 from tests.support import Gateway, alive, running, wait_until, worker_pids, write_config
 
 pytestmark = vllm_marks()
+# The registry's chat template, over the tiny model's own (gateway/worker/tiny.py).
+BRACKETS = (
+    "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,9 @@ def gateway(vllm_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     config = write_config(
         directory,
         "gateway:\n  probe_interval_s: 2\n  load_timeout_s: 300\nmodels:\n  tiny-vllm:\n"
-        + entry_yaml(vllm_model, system_prompt="'Answer briefly.'")
+        + entry_yaml(
+            vllm_model, system_prompt="'Answer briefly.'", chat_template=json.dumps(BRACKETS)
+        )
         + "\n",
     )
     with running(config) as gw:
@@ -84,6 +91,18 @@ def test_the_seed_route_chat_and_completions_are_served_by_vllm(gateway: Gateway
     )
     assert bare.status_code == 200, bare.text
     assert reply.json()["usage"]["prompt_tokens"] > bare.json()["usage"]["prompt_tokens"]
+
+
+def test_vllm_renders_the_registry_s_chat_template(gateway: Gateway, vllm_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    assert "--chat-template" in gateway.models()["tiny-vllm"]["runtime"]["argv"]
+    reply = chat(gateway, max_tokens=2)
+    assert reply.status_code == 200, reply.text
+    tokenizer = AutoTokenizer.from_pretrained(str(vllm_model))
+    rendered = "[system] Answer briefly.<|end|>\n[user] hello<|end|>\n[assistant] "
+    expected = tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    assert reply.json()["usage"]["prompt_tokens"] == len(expected)
 
 
 def test_fields_the_gateway_does_not_read_reach_vllm(gateway: Gateway) -> None:
@@ -117,11 +136,12 @@ def test_fields_the_gateway_does_not_read_reach_vllm(gateway: Gateway) -> None:
     assert bad.status_code == 400 and "lone surrogate" in bad.json()["error"]["message"]
 
 
-def test_vllm_renders_the_prompt_the_chat_template_adapter_renders(
+def test_vllm_renders_the_prompt_the_gateway_s_worker_renders(
     gateway: Gateway, vllm_model: Path
 ) -> None:
-    """vLLM renders the model's chat template itself; the gateway's own worker renders it
-    through the `chat_template` adapter: the same token ids, system prompt included."""
+    """vLLM renders the registry's chat template itself; the gateway's own worker renders it
+    over the `chat_template` adapter: the same token ids, system prompt and history included.
+    (tests/test_e2e_vllm_moe.py compares the model's own template with `deepseek_moe`.)"""
     messages = [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": "Hello!"},
@@ -132,7 +152,8 @@ def test_vllm_renders_the_prompt_the_chat_template_adapter_renders(
     adapter = ChatTemplateAdapter(LoadSpec(vllm_model))
     adapter.tokenizer = adapter.load_tokenizer()
     system = {"role": "system", "content": "Answer briefly."}
-    assert reply.json()["prompt_token_ids"] == adapter.chat_prompt([system, *messages]).ids
+    worker = TemplatePrompts(adapter, BRACKETS).chat_prompt([system, *messages])
+    assert reply.json()["prompt_token_ids"] == worker.ids
 
 
 def test_a_stream_relays_vllm_chunks_and_ends_with_done(gateway: Gateway) -> None:

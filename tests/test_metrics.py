@@ -9,11 +9,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import Gateway, wait_until, write_config
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+from tests.support import Gateway, Samples, scrape, value, wait_until, write_config
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +34,6 @@ def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     )
     with Gateway(config) as gw:
         yield gw
-
-
-def scrape(gateway: Gateway) -> Samples:
-    reply = gateway.client.get("/metrics")
-    assert reply.status_code == 200
-    assert reply.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(reply.text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def seed(gateway: Gateway, path: str, tokens: int = 4) -> httpx.Response:

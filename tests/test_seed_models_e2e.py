@@ -12,12 +12,14 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from gateway.envs import MARKER, PTH_NAME, base_site_dirs
 from tests.fixtures.seed_fixtures import PinnedRegistry
-from tests.support import ROOT, Gateway
+from tests.support import ROOT, Gateway, scrape, value
 
 pytestmark = pytest.mark.slow  # builds two environments (about 20 s with a warm pip cache)
 
@@ -117,32 +119,72 @@ def test_transnormer_greedy_answers_repeat_exactly(gateway: Gateway) -> None:
     assert gateway.models()["tiny-transnormer"]["runtime"]["transformers"] == "4.47.1"
 
 
-def test_transnormer_concurrent_requests_are_never_run_together(gateway: Gateway) -> None:
-    body = {"prompt": "hello", "max_length": 10, "temperature": 0}
-    alone = gateway.post("/tiny-transnormer", body).json()["response"]
-    with ThreadPoolExecutor(4) as pool:
-        replies = list(pool.map(lambda _: gateway.post("/tiny-transnormer", body), range(4)))
-    # The model raises on overlapping forwards and drifts if batched or not reset.
-    assert [r.status_code for r in replies] == [200] * 4
-    assert [r.json()["response"] for r in replies] == [alone] * 4
-    assert gateway.models()["tiny-transnormer"]["runtime"]["max_batch_size"] == 1
+# Different lengths, so that batched rows are left-padded (as in tests/fixtures/offset_probe.py).
+PROMPTS = ["你好", "hello, who are you?", "1+1"]
 
 
-def test_without_the_offset_reset_the_same_prompt_drifts(
-    pinned_registry: PinnedRegistry, transnormer_tiny: Path
+def test_transnormer_concurrent_requests_are_batched_and_answer_as_alone(
+    gateway: Gateway,
 ) -> None:
+    def ask(prompt: str) -> httpx.Response:
+        body = {"prompt": prompt, "max_length": 10, "temperature": 0}
+        return gateway.post("/tiny-transnormer", body)
+
+    alone = [ask(p).json()["response"] for p in PROMPTS]
+    assert len(set(alone)) == len(PROMPTS)  # else equal replies would prove nothing
+    before = scrape(gateway)
+    with ThreadPoolExecutor(6) as pool:
+        replies = list(pool.map(ask, PROMPTS * 2))
+    after = scrape(gateway)
+    # The model raises on overlapping forwards and drifts if its offset is not reset.
+    assert [r.status_code for r in replies] == [200] * 6
+    assert [r.json()["response"] for r in replies] == alone * 2
+
+    def delta(name: str) -> float:
+        return value(after, name, model="tiny-transnormer") - value(
+            before, name, model="tiny-transnormer"
+        )
+
+    assert delta("llmgw_batch_size_sum") == 6  # rows, one per request
+    assert delta("llmgw_batch_size_count") < 6  # generate calls: some held several rows
+    assert gateway.models()["tiny-transnormer"]["runtime"]["max_batch_size"] > 1
+
+
+@pytest.fixture(scope="module")
+def probe(pinned_registry: PinnedRegistry, transnormer_tiny: Path) -> dict[str, Any]:
+    """What tests/fixtures/offset_probe.py reports, run in the model's pinned environment."""
     python = env_of(pinned_registry, "tiny-transnormer") / "bin" / "python"
-    probe = subprocess.run(
+    done = subprocess.run(
         [str(python), str(ROOT / "tests" / "fixtures" / "offset_probe.py"), str(transnormer_tiny)],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
         check=False,
     )  # fmt: skip
-    assert probe.returncode == 0, probe.stderr
-    result = json.loads(probe.stdout.splitlines()[-1])
-    first, again = result["with_reset"]
-    assert first == again
-    before, drifted = result["without"]
-    assert before == first and drifted != first
+    assert done.returncode == 0, done.stderr
+    result: dict[str, Any] = json.loads(done.stdout.splitlines()[-1])
+    return result
+
+
+def test_with_the_offset_reset_the_same_prompt_repeats(probe: dict[str, Any]) -> None:
+    first, again = probe["with_reset"]
+    assert first and first == again
+
+
+def test_without_the_offset_reset_a_second_generate_gives_different_text(
+    probe: dict[str, Any],
+) -> None:
+    before, drifted = probe["without"]
+    assert before == probe["with_reset"][0]
+    assert drifted != before
+
+
+def test_left_padded_batch_rows_give_each_row_s_solo_text(probe: dict[str, Any]) -> None:
+    assert len(set(probe["prompt_lengths"])) == 3  # two rows padded, by different amounts
+    assert len(set(probe["solo"])) == 3
+    assert probe["batched"] == probe["solo"]
+
+
+def test_a_stale_offset_changes_a_batch_too(probe: dict[str, Any]) -> None:
+    assert probe["stale_batched"] != probe["solo"]
 
 
 def test_remote_code_runs_only_in_the_worker(gateway: Gateway, remote_code_log: Path) -> None:

@@ -26,12 +26,14 @@ def vllm_argv(
     host: str,
     port: int,
     gpu_totals: Mapping[str, int] | None = None,
+    chat_template: Path | None = None,
 ) -> list[str]:
     """vLLM's arguments (after the interpreter) for this entry.
 
     Everything the entry says has a vLLM flag: `devices` → tensor parallelism over the
     visible GPUs (CUDA_VISIBLE_DEVICES is set by the caller), `dtype`, the context length,
-    remote code, the revision, `max_memory` → `gpu_memory_utilization`. `engine_args`
+    remote code, the revision, `max_memory` → `gpu_memory_utilization`, `chat_template`
+    (written by the caller to the file `chat_template`) → `--chat-template`. `engine_args`
     come last, so they may override what the gateway derived.
     """
     args = [*VLLM_SERVER, "--model", model_path, "--served-model-name", name]
@@ -48,6 +50,8 @@ def vllm_argv(
     utilization = gpu_memory_utilization(entry, gpu_totals)
     if utilization is not None:
         args += ["--gpu-memory-utilization", f"{utilization:.4f}"]
+    if chat_template is not None:
+        args += ["--chat-template", str(chat_template)]
     return args + engine_args(entry.engine_args)
 
 

@@ -158,7 +158,17 @@ def _build_state(spec: WorkerSpec, adapter: Any, start: Baseline, load_seconds: 
         stall_timeout_s=spec.entry.limits.request_timeout_s,
         default_max_tokens=spec.entry.generation.max_new_tokens,
         stats=stats,
+        chat_prompt=_chat_prompt(spec, adapter),
     )
+
+
+def _chat_prompt(spec: WorkerSpec, adapter: Any) -> Any:
+    """The registry's chat template over the adapter's prompt format, if it gives one."""
+    if spec.entry.chat_template is None:
+        return None
+    from adapters.chat_template import TemplatePrompts
+
+    return TemplatePrompts(adapter, spec.entry.chat_template).chat_prompt
 
 
 async def serve(spec: WorkerSpec, state: Any, control: Control) -> None:

@@ -8,7 +8,7 @@ server-sent events. A client that goes away cancels its row.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from adapters.base import Adapter, Prompt, SamplingDefaults
+from adapters.base import Adapter, Message, Prompt, SamplingDefaults
 from gateway.errors import BadRequest, ContextLengthExceeded, GatewayError
 from gateway.http import install_error_handlers, unless_disconnected
 from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, completion_id
@@ -41,6 +41,8 @@ class WorkerState:
     stats: WorkerStats = field(default_factory=WorkerStats)
     mailboxes: Mailboxes = field(default_factory=Mailboxes)
     token_chars: int | None = None  # the longest token's length; read from the vocabulary once
+    # The registry's `chat_template:` over the adapter's own format, when it gives one.
+    chat_prompt: Callable[[Sequence[Message]], Prompt] | None = None
 
 
 def create_worker_app(state: WorkerState) -> FastAPI:
@@ -79,7 +81,7 @@ def create_worker_app(state: WorkerState) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         await _could_fit(state, sum(len(m["content"]) for m in messages), "messages")
-        prompt = await _build(state.adapter.chat_prompt, messages)
+        prompt = await _build(state.chat_prompt or state.adapter.chat_prompt, messages)
         return await _serve(state, request, "chat", body, prompt, "messages")
 
     @app.post("/v1/completions", response_model=None)

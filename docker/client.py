@@ -1,6 +1,6 @@
 """HTTP checks that docker/test.sh runs against a gateway in a container (stdlib only).
 
-python3 docker/client.py URL health|seed|requests
+python3 docker/client.py URL health|seed|requests|vllm
 python3 docker/client.py URL drain "COMMAND THAT SENDS SIGTERM"
 """
 
@@ -74,6 +74,21 @@ def requests(base: str) -> None:
     print("stream:", chat)
 
 
+def vllm(base: str) -> None:
+    """A chat completion from the demo model served by vLLM (`engine: vllm`), through the
+    gateway; /v1/models then shows it ready on that engine."""
+    body = {"model": "demo-vllm", "messages": [{"role": "user", "content": "hello"}],
+            "max_tokens": 8, "temperature": 0}  # fmt: skip
+    with post(f"{base}/v1/chat/completions", body, timeout=300) as reply:
+        answer = json.load(reply)
+    assert answer["choices"][0]["message"]["content"], answer
+    assert answer["usage"]["completion_tokens"] > 0, answer
+    with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as reply:
+        [model] = [m for m in json.load(reply)["data"] if m["id"] == "demo-vllm"]
+    assert model["state"] == "ready" and model["engine"] == "vllm", model
+    print("vllm chat:", answer["choices"][0]["message"]["content"], answer["usage"])
+
+
 def not_ready(base: str) -> None:
     try:
         urllib.request.urlopen(f"{base}/ready", timeout=5)
@@ -126,5 +141,6 @@ if __name__ == "__main__":
     base, what, *rest = sys.argv[1:]
     checks: dict[str, Callable[..., None]] = {
         "health": health, "wait": wait, "seed": seed, "requests": requests, "drain": drain,
+        "vllm": vllm,
     }  # fmt: skip
     checks[what](base, *rest)

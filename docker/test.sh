@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the CPU image from a local Debian base (no registry), runs it and checks what a
 # user relies on: health, the seed API and a streamed chat on the demo model, the drain on
-# SIGTERM, no process left behind, the compose CPU profile. Runs its own dockerd on its
+# SIGTERM, no process left behind, the compose CPU profile; then the vLLM variant
+# (ENGINE=vllm) serving the demo model with `engine: vllm`. Runs its own dockerd on its
 # own sockets and directories and leaves the host's networking alone.
 #
 #   sudo docker/test.sh            (as root: it installs packages and starts dockerd)
@@ -39,7 +40,7 @@ DOCKERD_PID=
 cleanup() {
     set +e
     if [ -n "$DOCKERD_PID" ]; then
-        $DOCKER rm -f "$NAME" >/dev/null 2>&1
+        $DOCKER rm -f "$NAME" "$NAME-vllm" >/dev/null 2>&1
         [ -f docker/.compose.test.yaml ] && docker-compose -p "llmgw$$" \
             -f docker/.compose.test.yaml --profile cpu down -v >/dev/null 2>&1
         $DOCKER volume rm "$VOLUME" >/dev/null 2>&1
@@ -172,6 +173,45 @@ $DOCKER run --rm --network none -v "llmgw-envs-$$:/data" \
     || fail "the model did not serve from the environment built into the image"
 $DOCKER volume rm "llmgw-envs-$$" >/dev/null
 
+step "vLLM image (ENGINE=vllm)"
+build_start=$SECONDS
+$DOCKER build --network host --progress plain "${secret[@]}" -f docker/Dockerfile \
+    --build-arg BASE=local/debian:bookworm --build-arg TORCH_INDEX="$torch_index" \
+    --build-arg ENGINE=vllm -t llm-gateway:vllm-cpu . >"$WORK/build-vllm.log" 2>&1 \
+    || { tail -40 "$WORK/build-vllm.log"; fail "build with ENGINE=vllm"; }
+echo "built in $((SECONDS - build_start))s; size $($DOCKER image inspect -f '{{.Size}}' llm-gateway:vllm-cpu | numfmt --to=iec)"
+# The demo model (head_dim 32, which vLLM's CPU attention accepts) served by vLLM.
+cat >"$WORK/models.vllm.yaml" <<YAML
+gateway: {port: $PORT, default_model: demo-vllm, load_timeout_s: 400, drain_timeout_s: 30}
+models:
+  demo-vllm: {source: /opt/llm-gateway/demo-model, engine: vllm, dtype: float32,
+              python_env: {python: /opt/vllm/bin/python}, env: {VLLM_CPU_KVCACHE_SPACE: "1"},
+              limits: {context_length: 512}, engine_args: {enforce-eager: true}}
+YAML
+chmod 644 "$WORK/models.vllm.yaml"
+run_start=$SECONDS
+# --shm-size: vLLM's engine allocates a 160 MiB ring buffer in /dev/shm (Docker gives 64 MB).
+$DOCKER run -d --name "$NAME-vllm" --network host --stop-timeout 60 --shm-size 1g \
+    -v "$WORK/models.vllm.yaml:/etc/llm-gateway/models.yaml:ro" llm-gateway:vllm-cpu \
+    serve --config /etc/llm-gateway/models.yaml --host 127.0.0.1 >/dev/null
+vllm_log() {  # vLLM's root cause is far above its last lines: the errors, then the end
+    $DOCKER logs "$NAME-vllm" >"$WORK/vllm.log" 2>&1
+    grep -E "(Error|Exception)(:| )" "$WORK/vllm.log" | grep -v '\^\^\^' | cut -c1-400 | tail -40
+    echo "--- the end of the log:"; tail -40 "$WORK/vllm.log" | cut -c1-400
+}
+python3 docker/client.py "http://127.0.0.1:$PORT" wait || { vllm_log; fail "the vLLM image: no health"; }
+python3 docker/client.py "http://127.0.0.1:$PORT" vllm || { vllm_log; fail "the vLLM image: no chat"; }
+echo "a chat completion from vLLM $((SECONDS - run_start))s after the container started"
+$DOCKER top "$NAME-vllm" -o pid,args >"$WORK/top-vllm.txt"; cut -c1-150 "$WORK/top-vllm.txt"
+grep -q "vllm.entrypoints.openai.api_server" "$WORK/top-vllm.txt" || fail "no vLLM process"
+pids=$(awk 'NR > 1 {print $1}' "$WORK/top-vllm.txt")
+$DOCKER stop "$NAME-vllm" >/dev/null
+code=$($DOCKER wait "$NAME-vllm")
+[ "$code" = 0 ] || { vllm_log; fail "the vLLM container exited with $code"; }
+for pid in $pids; do ! kill -0 "$pid" 2>/dev/null || fail "process $pid outlived the container"; done
+echo "stopped with 0; no process of its tree is left; the vLLM step took $((SECONDS - build_start))s"
+$DOCKER rm "$NAME-vllm" >/dev/null
+
 step "compose: the CPU profile"
 compose_start=$SECONDS
 py=python3
@@ -195,4 +235,5 @@ step "the GPU service's configuration"
 grep -A12 'devices:' "$WORK/compose.full.yaml" >"$WORK/devices.yaml" || true
 grep -q 'driver: nvidia' "$WORK/devices.yaml" || fail "the GPU service reserves no nvidia device"
 grep -A3 device_ids "$WORK/devices.yaml"
+grep -q 'ipc: host' "$WORK/compose.full.yaml" || fail "the vLLM service does not share the host's IPC"
 step "docker/test.sh: OK in $((SECONDS - START))s"

@@ -6,17 +6,22 @@ registry's `memory_bytes`, else its weight files scaled to the dtype it loads in
 replaced by what the worker measured once it is ready (GPU, per device: the allocator's
 reserve, the CUDA context and the KV cache at the configured batch and context, never
 below the estimate; CPU: parameter and buffer bytes, not the Python runtime around them).
+A vLLM model holds what vLLM preallocates (`gateway/engines/memory.py`): on each GPU its
+`gpu_memory_utilization` of the GPU's memory, whatever its weights; on the CPU its
+weights and the KV cache `VLLM_CPU_KVCACHE_SPACE` sizes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.config import ModelEntry
+from gateway.engines import memory as vllm_memory
 
 Footprint = dict[str, int]  # device -> bytes
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -33,7 +38,20 @@ def estimate(entry: ModelEntry, local_path: Path | None) -> Footprint:
     if entry.is_remote:
         return {}
     total = entry.memory_bytes or _from_weight_files(entry, local_path)
+    if entry.engine == "vllm":
+        return vllm_reservation(entry, total)
     return split(entry, total)
+
+
+def vllm_reservation(entry: ModelEntry, weights: int) -> Footprint:
+    """What vLLM will claim on each device. Without nvidia-smi (a GPU entry planned on
+    another machine) a GPU's claim is taken as its `max_memory`, else its weights' share."""
+    try:
+        ram = None if entry.devices != "cpu" else vllm_memory.ram_total()
+        return vllm_memory.reservation(entry, weights, os.environ, None, ram)
+    except vllm_memory.EngineConfigError:
+        shares = split(entry, weights)
+        return {d: (entry.max_memory or {}).get(d, b) for d, b in shares.items()}
 
 
 def split(entry: ModelEntry, total: int) -> Footprint:

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gateway.config import ModelEntry
+from gateway.config import ModelEntry, parse_bytes
 from gateway.hub import local_source_problems, remote_code_warnings
 from gateway.registry import ConfigError, ConfigIssue, LoadedRegistry, load_registry
 
@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan = _command(commands, "plan", "show how a model's layers fall over its devices", run_plan)
     plan.add_argument("name", metavar="NAME")
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    plan.add_argument(
+        "--gpu-memory", metavar="SIZE", type=_byte_size,
+        help="`engine: vllm`: each GPU's memory (e.g. 24GiB) where nvidia-smi is absent",
+    )  # fmt: skip
 
     schema = commands.add_parser(
         "schema",
@@ -83,6 +87,16 @@ def _command(
     sub.add_argument("--config", "-c", default=DEFAULT_CONFIG, help="registry file (models.yaml)")
     sub.set_defaults(run=run)
     return sub
+
+
+def _byte_size(text: str) -> int:
+    try:
+        size = parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size above 0, got {text!r}")
+    return size
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -180,7 +194,7 @@ def run_plan(args: argparse.Namespace) -> int:
     settings = loaded.registry.gateway
     try:
         plan = placement.make_plan(
-            args.name, entry, Path(settings.cache_dir), Path(settings.envs_dir)
+            args.name, entry, Path(settings.cache_dir), Path(settings.envs_dir), args.gpu_memory
         )
     except placement.PlanError as exc:
         print(f"{args.name}: {exc}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """`llm-gateway plan NAME`: how a model's layers would fall over its devices, and whether
-they fit, shown without a GPU and without downloading weights.
+they fit, shown without a GPU and without downloading weights (`engine: vllm`: its
+tensor-parallel shards and KV cache, `gateway/engines/plan.py`).
 
 The architecture comes from the entry's `planning_config` (a directory with config.json,
 and modeling code if the model needs remote code) or else from its downloaded snapshot.
@@ -22,6 +23,7 @@ from typing import Any
 
 from gateway import hub
 from gateway.config import ModelEntry, max_memory_problem
+from gateway.engines import plan as vllm_plan
 from gateway.envs import EnvironmentMissing, python_for
 from gateway.launcher import _package_shim
 
@@ -66,7 +68,13 @@ def budget_for(name: str, entry: ModelEntry) -> dict[str, int]:
     return budget
 
 
-def make_plan(name: str, entry: ModelEntry, cache: Path, envs_dir: Path) -> dict[str, Any]:
+def make_plan(
+    name: str, entry: ModelEntry, cache: Path, envs_dir: Path, gpu_memory: int | None = None
+) -> dict[str, Any]:
+    """The layer split of a transformers model, or for `engine: vllm` its tensor-parallel
+    shards and KV cache (`gpu_memory`: each GPU's size, where nvidia-smi is absent)."""
+    if entry.engine == "vllm":
+        return _vllm_plan(name, entry, cache, envs_dir, gpu_memory)
     budget = budget_for(name, entry)
     request = {
         "config": str(planning_source(name, entry, cache)),
@@ -76,6 +84,27 @@ def make_plan(name: str, entry: ModelEntry, cache: Path, envs_dir: Path) -> dict
     }
     raw = _run_planner(_interpreter(name, entry, envs_dir), request)
     return _physical(name, entry, budget, raw)
+
+
+def _vllm_plan(
+    name: str, entry: ModelEntry, cache: Path, envs_dir: Path, gpu_memory: int | None
+) -> dict[str, Any]:
+    source = planning_source(name, entry, cache)
+    try:
+        config = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise PlanError(f"cannot read {source / 'config.json'}: {exc}") from None
+    request = {
+        "config": str(source),
+        "dtype": vllm_plan.weights_dtype(entry, config),
+        "budget": {},  # only the weights' size: vLLM shards every layer over every GPU
+        "trust_remote_code": entry.trust_remote_code,
+    }
+    weights = _run_planner(_interpreter(name, entry, envs_dir), request)
+    try:
+        return vllm_plan.vllm_plan(name, entry, weights, config, gpu_memory)
+    except vllm_plan.VllmPlanError as exc:
+        raise PlanError(str(exc)) from None
 
 
 def _interpreter(name: str, entry: ModelEntry, envs_dir: Path) -> str:
@@ -130,6 +159,8 @@ def _physical(
 
 
 def render(plan: dict[str, Any]) -> str:
+    if plan.get("engine") == "vllm":
+        return vllm_plan.render(plan)
     devices = [d for d in plan["budget"] if d not in plan["devices"]] + list(plan["devices"])
     lines = [
         f"{plan['model']}: {plan['architecture']}, {plan['parameters']:,} parameters, "

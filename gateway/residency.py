@@ -76,7 +76,10 @@ class Residency:
         devices or after a change, go ahead meanwhile; then it plans again.
         """
         settings = self.settings()
-        runtime.estimate = budget.estimate(runtime.entry, self._local_path(runtime.entry))
+        # Off the event loop: sizing vLLM's share of the GPUs runs nvidia-smi.
+        runtime.estimate = await asyncio.to_thread(
+            budget.estimate, runtime.entry, self._local_path(runtime.entry)
+        )
         deadline = self.clock() + settings.load_timeout_s
         while True:
             seen = self.changes.version

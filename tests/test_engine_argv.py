@@ -13,9 +13,9 @@ from gateway.engines.argv import (
     EngineConfigError,
     command_argv,
     engine_args,
-    gpu_memory_utilization,
     vllm_argv,
 )
+from gateway.engines.memory import derived_utilization
 
 GIB = 2**30
 
@@ -108,10 +108,10 @@ def test_engine_args_as_a_mapping_become_flags() -> None:
 
 def test_max_memory_beyond_a_gpu_is_capped_and_an_unknown_gpu_is_an_error() -> None:
     big = entry(devices=[0], max_memory={0: "80GiB"})
-    assert gpu_memory_utilization(big, {"0": 24 * GIB}) == 0.95
+    assert derived_utilization(big, {"0": 24 * GIB}) == 0.95
     with pytest.raises(EngineConfigError, match="GPU 0 is not listed"):
-        gpu_memory_utilization(big, {"1": 24 * GIB})
-    assert gpu_memory_utilization(entry(devices=[0]), {"0": 24 * GIB}) is None
+        derived_utilization(big, {"1": 24 * GIB})
+    assert derived_utilization(entry(devices=[0]), {"0": 24 * GIB}) is None
 
 
 @pytest.mark.parametrize(

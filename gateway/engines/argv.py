@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
 from gateway.config import ModelEntry
+from gateway.engines.memory import EngineConfigError, derived_utilization, flag_value
+
+__all__ = ["EngineConfigError", "command_argv", "engine_args", "vllm_argv", "vllm_dtype"]
 
 VLLM_SERVER = ("-m", "vllm.entrypoints.openai.api_server")
-MAX_UTILIZATION = 0.95
-
-
-class EngineConfigError(Exception):
-    """The entry cannot be turned into a command line (a message for the user)."""
 
 
 def vllm_argv(
@@ -47,7 +44,9 @@ def vllm_argv(
         args.append("--trust-remote-code")
     if entry.revision and entry.hub != "local":
         args += ["--revision", entry.revision]
-    utilization = gpu_memory_utilization(entry, gpu_totals)
+    # Derived only when `engine_args` does not set it: a set one needs no nvidia-smi.
+    given = flag_value(entry, "gpu-memory-utilization")
+    utilization = None if given is not None else derived_utilization(entry, gpu_totals)
     if utilization is not None:
         args += ["--gpu-memory-utilization", f"{utilization:.4f}"]
     if chat_template is not None:
@@ -61,45 +60,6 @@ def vllm_dtype(entry: ModelEntry) -> str:
     if entry.dtype != "auto":
         return entry.dtype
     return "float32" if entry.devices == "cpu" else "auto"
-
-
-def gpu_memory_utilization(entry: ModelEntry, totals: Mapping[str, int] | None) -> float | None:
-    """`max_memory` as vLLM's one fraction per GPU: the smallest budget's share of its GPU
-    (vLLM applies one fraction to every GPU of the model)."""
-    if entry.devices == "cpu" or not entry.max_memory:
-        return None
-    gpus = [str(d) for d in entry.devices]
-    sizes = dict(totals) if totals is not None else gpu_total_bytes()
-    missing = [g for g in gpus if g not in sizes]
-    if missing:
-        raise EngineConfigError(
-            f"cannot turn max_memory into vLLM's gpu_memory_utilization: GPU {missing[0]} "
-            "is not listed by nvidia-smi; leave `max_memory` out or fix `devices`"
-        )
-    share = min(entry.max_memory[g] / sizes[g] for g in gpus)
-    return round(min(share, MAX_UTILIZATION), 4)
-
-
-def gpu_total_bytes() -> dict[str, int]:
-    """Each GPU's memory by nvidia-smi index (the numbering `devices` uses)."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        raise EngineConfigError("`max_memory` for vLLM needs nvidia-smi to size the GPUs")
-    out = subprocess.run(
-        [smi, "--query-gpu=index,memory.total", "--format=csv,noheader,nounits"],
-        capture_output=True,
-        text=True,
-        timeout=10,
-        check=False,
-    )
-    if out.returncode != 0:
-        raise EngineConfigError(f"nvidia-smi failed: {out.stderr.strip() or out.returncode}")
-    sizes: dict[str, int] = {}
-    for line in out.stdout.splitlines():
-        index, _, mib = line.partition(",")
-        if index.strip().isdigit() and mib.strip().isdigit():
-            sizes[index.strip()] = int(mib.strip()) * 2**20
-    return sizes
 
 
 def engine_args(value: list[str] | Mapping[str, object] | None) -> list[str]:

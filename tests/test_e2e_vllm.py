@@ -178,11 +178,14 @@ def test_sixteen_concurrent_clients_are_all_served(gateway: Gateway) -> None:
     assert codes == [200] * 16
 
 
+LONG = 400  # new tokens that fit the 512-token context after the templated chat prompt
+
+
 def test_a_client_that_leaves_its_stream_aborts_it_in_vllm(gateway: Gateway) -> None:
     body = {
         "model": "tiny-vllm",
         "prompt": "hi",
-        "max_tokens": 480,
+        "max_tokens": LONG,
         "ignore_eos": True,
         "stream": True,
     }
@@ -194,12 +197,12 @@ def test_a_client_that_leaves_its_stream_aborts_it_in_vllm(gateway: Gateway) -> 
         assert response.status_code == 200
         next(response.iter_lines())
     assert wait_until(lambda: gateway.models()["tiny-vllm"]["in_flight"] == 0, timeout=10)
-    full = chat(gateway, max_tokens=480, ignore_eos=True)  # as long as the one left
-    assert full.status_code == 200
+    full = chat(gateway, max_tokens=LONG, ignore_eos=True)  # as long as the one left
+    assert full.status_code == 200 and full.json()["usage"]["completion_tokens"] == LONG
     time.sleep(2.0)
-    # The finished one counts its 480 tokens; the aborted one only what it made.
+    # The finished one counts its LONG tokens; the aborted one only what it made.
     made = _metric(port, "vllm:generation_tokens_total") - before
-    assert 480 <= made < 2 * 480, made
+    assert LONG <= made < 2 * LONG, made
 
 
 def _metric(port: int, name: str, label: str = "") -> float:

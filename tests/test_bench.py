@@ -109,7 +109,7 @@ def test_a_partial_run_never_writes_the_document(monkeypatch: pytest.MonkeyPatch
     written: list[Path] = []
     monkeypatch.setattr(Path, "write_text", lambda self, *a, **k: written.append(self))
     section = Section("ttft", "t", "c", ["a"], [["1"]])
-    monkeypatch.setattr(run, "benchmarks", lambda quick: {"ttft": lambda: section})
+    monkeypatch.setattr(run, "benchmarks", lambda quick: {"ttft": lambda: [section]})
     monkeypatch.setattr(sys, "argv", ["bench.run", "--only", "ttft"])
     run.main()
     assert not [p for p in written if p.name == "BENCHMARKS.md"]

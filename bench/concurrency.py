@@ -47,6 +47,17 @@ class Slice:
     errors: int = 0
     latencies: list[float] = field(default_factory=list)
 
+    @staticmethod
+    def together(parts: list[Slice]) -> Slice:
+        """Windows measured at the same time (several targets loaded at once) as one:
+        their tokens add up over the same seconds."""
+        return Slice(
+            max((p.seconds for p in parts), default=0.0),
+            sum(p.tokens for p in parts),
+            sum(p.errors for p in parts),
+            [x for p in parts for x in p.latencies],
+        )
+
 
 async def measure(target: clients.Target, concurrency: int, seconds: float) -> Slice:
     async with clients.client(connections=concurrency + 4, timeout=120.0) as http:

@@ -42,6 +42,10 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_NO_USAGE_STATS": "1"}
 # vLLM's own defaults otherwise: its compiled CPU path, one OpenMP thread bound to its
 # engine (VLLM_CPU_OMP_THREADS_BIND=auto), the other core left to its API server.
 VLLM_FLAGS = ["--dtype", "float32", "--max-model-len", str(CONTEXT)]
+# vLLM's shared-memory queue busy-polls for 1 s after its last read (busy_loop_s), on
+# the core its worker is bound to; a server timed inside that second shares the core.
+SETTLE_S = 1.5
+LATENCY_BLOCK = 5  # requests in a row to one server before the next takes its turn
 OVERHEAD_LATENCY_GOAL = 1.05
 OVERHEAD_RATE_GOAL = 0.95
 
@@ -50,13 +54,24 @@ def vllm_python() -> Path:
     return Path(os.environ.get("LLMGW_VLLM_PYTHON", ROOT / ".cache/vllm-cpu/bin/python"))
 
 
-def vllm_server(model: Path, name: str = MODEL_NAME) -> Server:
-    """vLLM's OpenAI server, started by hand as its documentation shows for CPU."""
+def vllm_server(model: Path, name: str = MODEL_NAME, bind: str | None = None) -> Server:
+    """vLLM's OpenAI server, started by hand as its documentation shows for CPU. `bind`
+    names the cores of its OpenMP threads (VLLM_CPU_OMP_THREADS_BIND): two servers on
+    `auto` both bind to the same first core."""
     port = free_port()
     argv = [str(vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model"]
     argv += [str(model), "--served-model-name", name, *VLLM_FLAGS]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
-    return Server("vllm", argv, port, "/health", env=VLLM_ENV)
+    env = {**VLLM_ENV, **({"VLLM_CPU_OMP_THREADS_BIND": bind} if bind else {})}
+    return Server("vllm", argv, port, "/health", env=env)
+
+
+def own_cores(count: int) -> list[str | None]:
+    """A core of its own for each of `count` vLLM servers, where the machine has them."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < count:
+        return [None] * count
+    return [str(core) for core in cores[:count]]
 
 
 def gateway(models: dict[str, str]) -> Server:
@@ -104,12 +119,13 @@ def cpu_hog() -> Iterator[None]:
 async def load_many(targets: Sequence[clients.Target], level: int, seconds: float) -> Slice:
     """`level` clients on each target at once; one slice summing all their tokens."""
     parts = await asyncio.gather(*(measure(t, level, seconds) for t in targets))
-    total = Slice(seconds)
-    for part in parts:
-        total.tokens += part.tokens
-        total.errors += part.errors
-        total.latencies += part.latencies
-    return total
+    return Slice.together(list(parts))
+
+
+def settle() -> None:
+    """Let the server measured last go idle before the next one is timed: a vLLM CPU
+    worker keeps polling its queue, one core busy, for a second after its last step."""
+    time.sleep(SETTLE_S)
 
 
 def rates(
@@ -122,6 +138,7 @@ def rates(
         windows: dict[str, list[Slice]] = {name: [] for name in names}
         for turn in range(slices):
             for name in names[turn % len(names) :] + names[: turn % len(names)]:
+                settle()
                 part = asyncio.run(load_many(servers[name], level, seconds / slices))
                 windows[name].append(part)
         for name in names:
@@ -132,8 +149,10 @@ def rates(
 
 
 def interleaved_latency(targets: Sequence[clients.Target], rounds: int) -> list[float]:
-    """Median seconds of a warm OVERHEAD_TOKENS request to each target, requests taking
-    turns one by one so that the machine's noise falls on every target alike."""
+    """Median seconds of a warm OVERHEAD_TOKENS request to each target. The targets take
+    turns in blocks of LATENCY_BLOCK requests with a settle between blocks, so the
+    machine's noise falls on every target alike and no server is timed while another
+    still polls its queue."""
 
     async def go() -> list[float]:
         samples: list[list[float]] = [[] for _ in targets]
@@ -141,11 +160,13 @@ def interleaved_latency(targets: Sequence[clients.Target], rounds: int) -> list[
             for target in targets:
                 for _ in range(3):
                     await clients.complete(http, target, OVERHEAD_TOKENS)
-            for _ in range(rounds):
+            for _ in range(max(1, rounds // LATENCY_BLOCK)):
                 for index, target in enumerate(targets):
-                    started = time.perf_counter()
-                    await clients.complete(http, target, OVERHEAD_TOKENS)
-                    samples[index].append(time.perf_counter() - started)
+                    await asyncio.sleep(SETTLE_S)
+                    for _ in range(LATENCY_BLOCK):
+                        started = time.perf_counter()
+                        await clients.complete(http, target, OVERHEAD_TOKENS)
+                        samples[index].append(time.perf_counter() - started)
         return [median(s) for s in samples]
 
     return asyncio.run(go())
@@ -174,7 +195,10 @@ def run(seconds: float = 6.0, rounds: int = 30) -> list[Section]:
             hog = rates({"gateway": [own], "vLLM CPU": [vllm]}, seconds)
     print("== engines: two models at once", flush=True)
     with contextlib.ExitStack() as stack:
-        pair = [stack.enter_context(serving(vllm_server(model), START_S)) for _ in range(2)]
+        pair = [
+            stack.enter_context(serving(vllm_server(model, bind=core), START_S))
+            for core in own_cores(2)
+        ]
         both = stack.enter_context(
             serving(gateway({"a": transformers_entry(model), "b": transformers_entry(model)}))
         )
@@ -241,7 +265,11 @@ def _overhead_section(
             f"vLLM alone: `python -m vllm.entrypoints.openai.api_server {' '.join(VLLM_FLAGS)}` "
             f"with {', '.join(f'{k}={v}' for k, v in VLLM_ENV.items())}; the gateway starts "
             "the same server for an entry with `engine: vllm` and the same `env:`, and relays.",
-            f"Latency: {rounds} requests to each, interleaved one by one, after 3 warm ones.",
+            f"Latency: {rounds} requests to each after 3 warm ones, the servers taking turns "
+            f"in blocks of {LATENCY_BLOCK} with {SETTLE_S:g} s between blocks (a vLLM CPU "
+            "worker polls its queue, its core busy, for 1 s after its last step; two "
+            "servers bound to one core, timed one request each in turn, measured 1.06 s "
+            "against 0.08 s).",
         ],
         data={"latency_s": latency, "rates": _keyed(overhead)},
     )
@@ -281,8 +309,9 @@ def _engines_section(settings: dict[str, dict[str, dict[int, float]]], seconds: 
             "left to the gateway); vLLM CPU as in 7, on its own defaults (one OpenMP thread "
             "bound to its engine).",
             "Two models: two entries on the same weights in one gateway (two workers, one "
-            "thread each), against two vLLM servers; each model gets its own clients and "
-            "the table sums both.",
+            "thread each), against two vLLM servers, each bound to a core of its own "
+            "(VLLM_CPU_OMP_THREADS_BIND; on `auto` both bind to the first core); each "
+            "model gets its own clients and the table sums both.",
             "CPU hog: a process spinning on one core for the whole measurement.",
             f"Each point: {seconds:g} s in 2 windows, the servers taking turns.",
         ],

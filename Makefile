@@ -72,7 +72,7 @@ typecheck: $(STAMP)
 check: $(STAMP) $(DEMO)/config.json  ## the shipped registry names the demo model: build it first
 	$(PY) -m gateway check --config models.yaml
 
-schema: $(STAMP)  ## regenerate docs/models.schema.json from gateway/config.py
+schema: $(STAMP)  ## regenerate docs/models.schema.json from gateway/registry/config.py
 	$(PY) -m gateway schema > docs/models.schema.json.tmp
 	mv docs/models.schema.json.tmp docs/models.schema.json
 

@@ -33,12 +33,12 @@ MODEL_SHAPE: dict[str, Any] = {"hidden": 256, "layers": 4, "init_std": 0.2, "see
 def peer_threads() -> int:
     """Intra-op threads of every server other than the gateway, and of the in-process
     baseline: the count the gateway's own policy gives its one CPU worker here (the cores
-    less one for the HTTP side, gateway/threads.py), so that every server computes with
+    less one for the HTTP side, gateway/backends/threads.py), so that every server computes with
     the same threads. On a 2-core machine that is 1, which is also each peer's fastest
     (measured: 2 threads, fighting the HTTP process and the clients for the cores, ran up
     to 10x slower)."""
-    from gateway.config import ModelEntry
-    from gateway.threads import available_cores, share
+    from gateway.backends.threads import available_cores, share
+    from gateway.registry.config import ModelEntry
 
     return share(ModelEntry(source="-"), 1, available_cores()) or 1
 

@@ -19,7 +19,7 @@ from bench import clients
 from bench.common import MODEL_NAME, gateway_server, model_path, serving
 from bench.concurrency import Point, Slice, measure, merge
 from bench.report import Section, finish
-from gateway.threads import available_cores
+from gateway.backends.threads import available_cores
 
 LEVELS = (1, 16)
 DEFAULTS = "gateway on its defaults"

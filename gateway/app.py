@@ -13,24 +13,24 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from gateway import rundir
-from gateway.auth import ApiKeyAuth, load_keys
-from gateway.background import Background
+from gateway.api.auth import ApiKeyAuth, load_keys
+from gateway.api.metrics import GatewayMetrics, RequestMetrics
+from gateway.api.middleware import BodyLimit, LiveCORS
+from gateway.api.routes.admin import admin_router
+from gateway.api.routes.health import health_router
+from gateway.api.routes.metrics import metrics_router
+from gateway.api.routes.openai import add_body_schemas, openai_router
+from gateway.api.routes.playground import playground_router
+from gateway.api.routes.seed import seed_router
+from gateway.api.service import Inference
+from gateway.backends import rundir
+from gateway.backends.launcher import Launcher, ProcessLauncher
 from gateway.http import install_error_handlers
-from gateway.launcher import Launcher, ProcessLauncher
-from gateway.metrics import GatewayMetrics, RequestMetrics
-from gateway.middleware import BodyLimit, LiveCORS
-from gateway.registry import LoadedRegistry
+from gateway.lifecycle.background import Background
+from gateway.lifecycle.supervisor import Supervisor
+from gateway.registry.config import key_sources
+from gateway.registry.load import LoadedRegistry
 from gateway.reloader import Reloader
-from gateway.routes.admin import admin_router
-from gateway.routes.health import health_router
-from gateway.routes.metrics import metrics_router
-from gateway.routes.openai import add_body_schemas, openai_router
-from gateway.routes.playground import playground_router
-from gateway.routes.seed import seed_router
-from gateway.service import Inference
-from gateway.supervisor import Supervisor
-from gateway.workerenv import key_sources
 
 log = logging.getLogger(__name__)
 

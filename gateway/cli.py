@@ -9,9 +9,9 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gateway.config import ModelEntry, parse_bytes
-from gateway.hub import local_source_problems, remote_code_warnings
-from gateway.registry import ConfigError, ConfigIssue, LoadedRegistry, load_registry
+from gateway.registry.config import ModelEntry, parse_bytes
+from gateway.registry.hub import local_source_problems, remote_code_warnings
+from gateway.registry.load import ConfigError, ConfigIssue, LoadedRegistry, load_registry
 
 DEFAULT_CONFIG = "models.yaml"
 Command = Callable[[argparse.Namespace], int]
@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "run"):
         parser.print_help()
         return 2
-    from gateway.auth import KeySourceError
+    from gateway.api.auth import KeySourceError
 
     try:
         code: int = args.run(args)
@@ -118,7 +118,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 def _template_issues(loaded: LoadedRegistry) -> list[ConfigIssue]:
     """Each model's `chat_template:` rendered once on a sample conversation."""
-    from gateway.chat_templates import TemplateProblem, render_sample
+    from gateway.registry.chat_templates import TemplateProblem, render_sample
 
     issues = []
     for name, entry in loaded.registry.models.items():
@@ -134,7 +134,7 @@ def _template_issues(loaded: LoadedRegistry) -> list[ConfigIssue]:
 
 
 def run_schema(args: argparse.Namespace) -> int:
-    from gateway.schema import render
+    from gateway.registry.schema import render
 
     sys.stdout.write(render())
     return 0
@@ -162,7 +162,7 @@ def run_models(args: argparse.Namespace) -> int:
 def run_pull(args: argparse.Namespace) -> int:
     import subprocess
 
-    from gateway import hub
+    from gateway.registry import hub
 
     loaded = load_registry(args.config)
     entry = _entry(loaded, args.name)
@@ -185,7 +185,7 @@ def run_pull(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from gateway import placement
+    from gateway.lifecycle import placement
 
     loaded = load_registry(args.config)
     entry = _entry(loaded, args.name)
@@ -204,7 +204,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_env_build(args: argparse.Namespace) -> int:
-    from gateway import envs
+    from gateway.backends import envs
 
     loaded = load_registry(args.config)
     envs_dir = Path(loaded.registry.gateway.envs_dir)
@@ -255,9 +255,9 @@ def _entry(loaded: LoadedRegistry, name: str) -> ModelEntry | None:
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from gateway.api.connections import ConnectionGuard, guarded_protocol
     from gateway.app import create_app
-    from gateway.connections import ConnectionGuard, guarded_protocol
-    from gateway.rundir import RunDirTooLong
+    from gateway.backends.rundir import RunDirTooLong
     from gateway.serving import DrainingServer
 
     logging.basicConfig(

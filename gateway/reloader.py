@@ -16,10 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-from gateway.auth import Keys, KeySourceError, key_files, load_keys
-from gateway.config import GatewaySettings
-from gateway.registry import ConfigError, ConfigIssue, LoadedRegistry, load_registry
-from gateway.supervisor import Supervisor
+from gateway.api.auth import Keys, KeySourceError, key_files, load_keys
+from gateway.lifecycle.supervisor import Supervisor
+from gateway.registry.config import GatewaySettings
+from gateway.registry.load import ConfigError, ConfigIssue, LoadedRegistry, load_registry
 
 log = logging.getLogger(__name__)
 

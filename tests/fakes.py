@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from gateway.config import ModelEntry
-from gateway.launcher import LoadFailed, Progress
-from gateway.upstream import Upstream
+from gateway.backends.launcher import LoadFailed, Progress
+from gateway.backends.upstream import Upstream
+from gateway.registry.config import ModelEntry
 
 
 class FakeUpstream(Upstream):

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from gateway.admission import Admission
-from gateway.config import Limits
 from gateway.errors import ModelUnavailable, RateLimited
+from gateway.lifecycle.admission import Admission
+from gateway.registry.config import Limits
 
 
 def holding(admission: Admission, gate: asyncio.Event) -> Callable[[], Coroutine[Any, Any, None]]:

@@ -8,8 +8,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.auth import Keys, KeySourceError, check, load_keys
-from gateway.config import Auth
+from gateway.api.auth import Keys, KeySourceError, check, load_keys
+from gateway.registry.config import Auth
 from tests.support import Gateway, write_config
 
 USER = "user-key-123"

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from gateway.background import Background
+from gateway.lifecycle.background import Background
 from tests.fakes import others_pending
 
 

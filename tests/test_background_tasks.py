@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from gateway.app import create_app
-from gateway.config import ModelEntry
-from gateway.launcher import Backend, Progress, WorkerProcess
-from gateway.registry import load_registry
+from gateway.backends.launcher import Backend, Progress, WorkerProcess
+from gateway.registry.config import ModelEntry
+from gateway.registry.load import load_registry
 
 
 class NoLauncher:

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from adapters.base import LoadSpec
 from adapters.chat_template import ChatTemplateAdapter
+from gateway.api.protocol import SamplingFields
 from gateway.errors import GatewayError
-from gateway.protocol import SamplingFields
 from gateway.worker.engine import Engine
 from gateway.worker.rows import Delta, Event, Failed, Finished, Row, SamplingParams
 from gateway.worker.sampling import RowSampler

@@ -9,7 +9,7 @@ import pytest
 
 from bench.cancel import Hangup, pair
 from bench.report import percentile
-from gateway.config import ModelEntry
+from gateway.registry.config import ModelEntry
 from gateway.worker.stats import TIMELINE
 
 
@@ -62,8 +62,8 @@ def test_a_forgotten_past_makes_the_count_unknown_not_small() -> None:
 
 def test_the_gateway_under_benchmark_runs_on_its_defaults(tmp_path: Path) -> None:
     from bench.common import MODEL_NAME, PER_GENERATE, WORK, gateway_server
-    from gateway.config import ModelEntry
-    from gateway.registry import parse_registry
+    from gateway.registry.config import ModelEntry
+    from gateway.registry.load import parse_registry
 
     def entry(settings: str = "") -> ModelEntry:
         server = gateway_server(tmp_path, settings)
@@ -84,7 +84,7 @@ def test_every_peer_computes_with_the_gateway_workers_thread_count(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from bench import common
-    from gateway import threads
+    from gateway.backends import threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "13")  # the caller's shell never leaks in
     assert "OMP_NUM_THREADS" not in common.bench_env()

@@ -1,5 +1,6 @@
 """Module boundaries: the gateway process never imports torch or transformers (they belong
-to the worker processes), and adapters never import the web framework."""
+to the worker processes), adapters never import the web framework, and the gateway's
+packages form layers: registry below backends below lifecycle below api."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def run_python(code: str) -> dict[str, list[str]]:
 
 def test_the_scan_sees_the_gateway_side_and_not_the_worker() -> None:
     names = {str(p.relative_to(ROOT)) for p in gateway_side_files()}
-    assert {"gateway/app.py", "gateway/cli.py", "gateway/routes/seed.py"} <= names
+    assert {"gateway/app.py", "gateway/cli.py", "gateway/api/routes/seed.py"} <= names
     assert not any(name.startswith("gateway/worker/") for name in names)
 
 
@@ -85,7 +86,7 @@ def test_the_running_gateway_side_loads_neither_torch_nor_transformers(tmp_path:
         from fastapi.testclient import TestClient
         from gateway.app import create_app
         from gateway.cli import main
-        from gateway.registry import load_registry
+        from gateway.registry.load import load_registry
         assert main(["check", "--config", {str(config)!r}]) == 0
         assert main(["models", "--config", {str(config)!r}]) == 0
         with TestClient(create_app(load_registry({str(config)!r}))) as client:
@@ -96,12 +97,52 @@ def test_the_running_gateway_side_loads_neither_torch_nor_transformers(tmp_path:
         print(json.dumps({{"imported": imported, "modules": sorted(sys.modules)}}))
         """
     )
-    assert {"gateway.app", "gateway.cli", "gateway.service", "gateway.routes.openai"} <= set(
-        loaded["imported"]
-    )
+    assert {
+        "gateway.app",
+        "gateway.cli",
+        "gateway.api.service",
+        "gateway.api.routes.openai",
+    } <= set(loaded["imported"])
     roots = {name.split(".")[0] for name in loaded["modules"]}
     assert "fastapi" in roots  # the probe did run the web app
     assert roots & MODEL_LIBRARIES == set()
+
+
+# Each package may import only the packages below it (and the shared `errors`, `http`).
+LAYERS = ["registry", "backends", "lifecycle", "api"]
+
+
+def gateway_imports(path: Path) -> set[str]:
+    """The first component under `gateway.` of every import of the gateway in the file."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        modules: list[str] = []
+        if isinstance(node, ast.Import):
+            modules = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            modules = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        names |= {m.split(".")[1] for m in modules if m.startswith("gateway.")}
+    return names
+
+
+def test_each_package_imports_only_the_layers_below_it() -> None:
+    package = ROOT / "gateway"
+    upward: dict[str, list[str]] = {}
+    scanned = 0
+    for level, layer in enumerate(LAYERS):
+        above = set(LAYERS[level + 1 :])
+        for path in sorted((package / layer).rglob("*.py")):
+            scanned += 1
+            if found := sorted(gateway_imports(path) & above):
+                upward[str(path.relative_to(ROOT))] = found
+    assert scanned >= 30
+    assert upward == {}
+
+
+def test_the_layer_scan_sees_an_upward_import(tmp_path: Path) -> None:
+    module = tmp_path / "m.py"
+    module.write_text("from gateway.lifecycle import supervisor\nimport gateway.api.auth\n")
+    assert gateway_imports(module) == {"lifecycle", "api"}
 
 
 def test_importing_every_adapter_loads_no_web_framework() -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from gateway.budget import Resident, estimate, measured, plan, split
-from gateway.config import ModelEntry
+from gateway.lifecycle.budget import Resident, estimate, measured, plan, split
+from gateway.registry.config import ModelEntry
 
 GiB = 2**30
 

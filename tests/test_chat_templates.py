@@ -16,10 +16,10 @@ import yaml
 from adapters.base import LoadSpec
 from adapters.chat_template import TemplatePrompts
 from adapters.transnormer import TransNormerAdapter
-from gateway import rundir
-from gateway.chat_templates import SAMPLE_CONVERSATION, TemplateProblem, render_sample
-from gateway.engines.argv import vllm_argv
-from gateway.registry import ConfigError, load_registry, parse_registry
+from gateway.backends import rundir
+from gateway.backends.engines.argv import vllm_argv
+from gateway.registry.chat_templates import SAMPLE_CONVERSATION, TemplateProblem, render_sample
+from gateway.registry.load import ConfigError, load_registry, parse_registry
 from tests.support import ROOT, Gateway, running, write_config
 
 # Not the tiny model's own template (gateway/worker/tiny.py), so a prompt shows which one ran.

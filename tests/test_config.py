@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from gateway.backends.launcher import Backend, Progress
 from gateway.cli import main
-from gateway.config import RESERVED_NAMES, ModelEntry, parse_bytes
-from gateway.launcher import Backend, Progress
-from gateway.registry import ConfigError, ConfigIssue, load_registry, parse_registry
+from gateway.registry.config import RESERVED_NAMES, ModelEntry, parse_bytes
+from gateway.registry.load import ConfigError, ConfigIssue, load_registry, parse_registry
 from tests.support import ROOT, write_config
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.budget import RUNTIME_HEADROOM, human
+from gateway.lifecycle.budget import RUNTIME_HEADROOM, human
 from tests.support import Gateway, wait_until, write_config
 
 

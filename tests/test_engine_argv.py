@@ -1,4 +1,4 @@
-"""How a registry entry becomes an engine's command line (gateway/engines/argv.py) and
+"""How a registry entry becomes an engine's command line (gateway/backends/engines/argv.py) and
 which `engine:` settings the registry refuses."""
 
 from __future__ import annotations
@@ -8,14 +8,14 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from gateway.config import ModelEntry
-from gateway.engines.argv import (
+from gateway.backends.engines.argv import (
     EngineConfigError,
     command_argv,
     engine_args,
     vllm_argv,
 )
-from gateway.engines.memory import derived_utilization
+from gateway.backends.engines.memory import derived_utilization
+from gateway.registry.config import ModelEntry
 
 GIB = 2**30
 

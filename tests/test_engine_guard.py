@@ -1,5 +1,5 @@
 """The guard of a started engine takes its whole process tree down, however it ends
-(gateway/engines/guard.py): real processes, a tree that tries to escape."""
+(gateway/backends/engines/guard.py): real processes, a tree that tries to escape."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def start(tmp_path: Path, *args: str, grace: str = "1") -> subprocess.Popen[str]
             [
                 sys.executable,
                 "-m",
-                "gateway.engines.guard",
+                "gateway.backends.engines.guard",
                 grace,
                 "--",
                 sys.executable,
@@ -82,7 +82,7 @@ def track(process: subprocess.Popen[str]) -> subprocess.Popen[str]:
 
 
 def tree_of(guard: int) -> set[int]:
-    from gateway.engines.guard import descendants
+    from gateway.backends.engines.guard import descendants
 
     return set(descendants(guard))
 
@@ -138,7 +138,8 @@ def test_a_guard_whose_parent_is_sigkilled_leaves_nothing(tmp_path: Path) -> Non
                 sys.executable,
                 "-c",
                 "import subprocess, sys, time\n"
-                "g = subprocess.Popen([sys.executable, '-m', 'gateway.engines.guard', '1', '--',"
+                "g = subprocess.Popen([sys.executable, '-m', 'gateway.backends.engines.guard', "
+                "'1', '--',"
                 f" sys.executable, {str(script)!r}], stdin=subprocess.PIPE,"
                 " start_new_session=True)\n"
                 "print(g.pid, flush=True)\n"
@@ -160,7 +161,7 @@ def test_a_guard_whose_parent_is_sigkilled_leaves_nothing(tmp_path: Path) -> Non
 
 def test_a_command_that_cannot_start_is_reported() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "gateway.engines.guard", "1", "--", "/no/such/engine"],
+        [sys.executable, "-m", "gateway.backends.engines.guard", "1", "--", "/no/such/engine"],
         capture_output=True,
         text=True,
         timeout=20,

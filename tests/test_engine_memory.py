@@ -1,4 +1,4 @@
-"""What vLLM takes of each device (gateway/engines/memory.py), and the budgets that count
+"""What vLLM takes of each device (gateway/backends/engines/memory.py), and the budgets that count
 it: a vLLM model holds its `gpu_memory_utilization` of every GPU, whatever its weights."""
 
 from __future__ import annotations
@@ -9,10 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway import budget
-from gateway.config import ModelEntry
-from gateway.engines.argv import vllm_argv
-from gateway.engines.memory import (
+from gateway.backends.engines.argv import vllm_argv
+from gateway.backends.engines.memory import (
     ACTIVATION_ALLOWANCE,
     DEFAULT_UTILIZATION,
     EngineConfigError,
@@ -22,8 +20,10 @@ from gateway.engines.memory import (
     tensor_parallel_size,
     utilization,
 )
-from gateway.registry import parse_registry
-from gateway.supervisor import Supervisor
+from gateway.lifecycle import budget
+from gateway.lifecycle.supervisor import Supervisor
+from gateway.registry.config import ModelEntry
+from gateway.registry.load import parse_registry
 from tests.fakes import FakeLauncher
 
 GIB = 2**30

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ModelEntry
-from gateway.engines.memory import ACTIVATION_ALLOWANCE
-from gateway.engines.plan import VllmPlanError, kv_per_token, render, vllm_plan
+from gateway.backends.engines.memory import ACTIVATION_ALLOWANCE
+from gateway.backends.engines.plan import VllmPlanError, kv_per_token, render, vllm_plan
+from gateway.registry.config import ModelEntry
 from tests.support import ROOT
 
 GIB = 2**30

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gateway.backends.envs import MARKER
 from gateway.cli import main
-from gateway.envs import MARKER
 from tests.support import Gateway, write_config
 
 pytestmark = pytest.mark.slow  # each test creates a virtual environment or two

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ModelEntry
-from gateway.envs import MARKER, EnvironmentMissing, env_dir, python_for
+from gateway.backends.envs import MARKER, EnvironmentMissing, env_dir, python_for
+from gateway.registry.config import ModelEntry
 
 
 def entry(**python_env: object) -> ModelEntry:
@@ -52,7 +52,8 @@ def test_the_gateway_side_of_envs_plans_and_pulls_imports_no_torch() -> None:
     import subprocess
 
     code = (
-        "import sys, gateway.cli, gateway.envs, gateway.hub, gateway.placement\n"
+        "import sys, gateway.cli, gateway.backends.envs, gateway.registry.hub\n"
+        "import gateway.lifecycle.placement\n"
         "heavy = {'torch', 'transformers', 'modelscope', 'huggingface_hub'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
@@ -89,7 +90,7 @@ def test_env_build_output_has_no_uninstall_failure_for_the_packages_it_shadows(
     import importlib.metadata
     import io
 
-    from gateway.envs import build_env
+    from gateway.backends.envs import build_env
 
     base_version = importlib.metadata.version("idna")  # the gateway needs it: always there
     wheel = shadowing_wheel(tmp_path, "idna", "0.0.1")
@@ -105,7 +106,7 @@ def test_env_build_output_has_no_uninstall_failure_for_the_packages_it_shadows(
 
 
 def test_pips_messages_about_the_base_packages_are_said_calmly() -> None:
-    from gateway.envs import calm_pip_output
+    from gateway.backends.envs import calm_pip_output
 
     pip = [
         "Installing collected packages: idna\n",

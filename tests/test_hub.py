@@ -15,8 +15,8 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from gateway.config import ModelEntry
-from gateway.hub import locate, missing_message, remote_code_warnings
+from gateway.registry.config import ModelEntry
+from gateway.registry.hub import locate, missing_message, remote_code_warnings
 from gateway.worker.pull import _bytes_under, progress_text
 from tests.fixtures.fake_hf import COMMIT as COMMIT_FAKE
 from tests.fixtures.fake_hf import FakeHub

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ModelEntry
-from gateway.placement import PlanError, budget_for, planning_source, render, summarize
-from gateway.registry import ConfigError, parse_registry
+from gateway.lifecycle.placement import PlanError, budget_for, planning_source, render, summarize
+from gateway.registry.config import ModelEntry
+from gateway.registry.load import ConfigError, parse_registry
 from tests.support import ROOT, write_config
 
 GIB = 2**30

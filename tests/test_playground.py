@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from gateway.api.routes.playground import CSP
 from gateway.app import create_app
-from gateway.config import RESERVED_NAMES
-from gateway.launcher import Backend, Progress
-from gateway.registry import ConfigError, load_registry, parse_registry
-from gateway.routes.playground import CSP
+from gateway.backends.launcher import Backend, Progress
+from gateway.registry.config import RESERVED_NAMES
+from gateway.registry.load import ConfigError, load_registry, parse_registry
 
 KEY = "playground-test-key"
 ASSETS = {

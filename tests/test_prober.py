@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.registry import parse_registry
-from gateway.supervisor import Supervisor
+from gateway.lifecycle.supervisor import Supervisor
+from gateway.registry.load import parse_registry
 from tests.fakes import FakeLauncher
 
 TEXT = "gateway: {probe_failures: 3}\nmodels: {a: {source: /a}}"

@@ -9,9 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from adapters.base import SamplingDefaults
-from gateway.config import Generation
-from gateway.errors import ContextLengthExceeded
-from gateway.protocol import (
+from gateway.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
@@ -23,6 +21,8 @@ from gateway.protocol import (
     resolve_completion,
     seed_to_chat,
 )
+from gateway.errors import ContextLengthExceeded
+from gateway.registry.config import Generation
 from gateway.worker.rows import SamplingParams
 from gateway.worker.server import WorkerState, _sampling
 

@@ -6,7 +6,8 @@ import re
 
 from pydantic import BaseModel
 
-from gateway.config import (
+from gateway.api.protocol import SeedRequest
+from gateway.registry.config import (
     Auth,
     Batching,
     CommandEngine,
@@ -17,7 +18,6 @@ from gateway.config import (
     PythonEnv,
     Upstream,
 )
-from gateway.protocol import SeedRequest
 from tests.support import ROOT
 
 README = (ROOT / "README.md").read_text()

@@ -7,7 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
-from gateway.service import _relay, _seed_stream
+from gateway.api.service import _relay, _seed_stream
 
 
 class Upstream:

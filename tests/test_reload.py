@@ -14,11 +14,11 @@ from fastapi.testclient import TestClient
 from pydantic.fields import FieldInfo
 
 from gateway.app import create_app
-from gateway.config import GatewaySettings, ModelEntry
-from gateway.launcher import Backend, Progress
-from gateway.registry import load_registry
+from gateway.backends.launcher import Backend, Progress
+from gateway.lifecycle.supervisor import Supervisor
+from gateway.registry.config import GatewaySettings, ModelEntry
+from gateway.registry.load import load_registry
 from gateway.reloader import ON_RELOAD, Reloader
-from gateway.supervisor import Supervisor
 from tests.support import wait_until
 
 KEY = "sk-reload-test"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway import rundir
+from gateway.backends import rundir
 
 
 def dead_pid() -> int:

@@ -10,8 +10,8 @@ from typing import Any
 import pydantic
 import pytest
 
-from gateway.config import Generation
-from gateway.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SeedRequest
+from gateway.api.protocol import ChatCompletionRequest, ChatMessage, CompletionRequest, SeedRequest
+from gateway.registry.config import Generation
 
 ACCEPTED: dict[str, list[Any]] = {
     "temperature": [0, 1e-9, 0.7, 2],

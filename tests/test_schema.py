@@ -18,9 +18,9 @@ import yaml
 from pydantic import BaseModel
 
 from adapters import ADAPTERS
-from gateway.config import RESERVED_NAMES, Registry, parse_bytes
-from gateway.registry import ConfigError, parse_registry
-from gateway.schema import render
+from gateway.registry.config import RESERVED_NAMES, Registry, parse_bytes
+from gateway.registry.load import ConfigError, parse_registry
+from gateway.registry.schema import render
 from tests.support import ROOT
 
 SCHEMA_FILE = ROOT / "docs" / "models.schema.json"
@@ -115,7 +115,7 @@ def test_every_registry_key_has_a_description() -> None:
         for key, field in section.model_fields.items()
         if not (field.description or "").strip()
     ]
-    assert undescribed == [], "add description= to these fields in gateway/config.py"
+    assert undescribed == [], "add description= to these fields in gateway/registry/config.py"
 
 
 def test_the_schema_gives_every_key_its_description_and_default() -> None:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.envs import MARKER, PTH_NAME, base_site_dirs
+from gateway.backends.envs import MARKER, PTH_NAME, base_site_dirs
 from tests.fixtures.seed_fixtures import PinnedRegistry
 from tests.support import ROOT, Gateway, scrape, value
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ModelEntry
+from gateway.registry.config import ModelEntry
 from gateway.worker import sizing
 from gateway.worker.spec import WorkerSpec
 from tests.support import Gateway, write_config

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from gateway.config import Registry
 from gateway.errors import ModelNotFound, ModelUnavailable, RateLimited
-from gateway.registry import parse_registry
-from gateway.supervisor import Supervisor
+from gateway.lifecycle.supervisor import Supervisor
+from gateway.registry.config import Registry
+from gateway.registry.load import parse_registry
 from tests.fakes import Clock, FakeLauncher, others_pending
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import threads
-from gateway.config import ModelEntry
+from gateway.backends import threads
+from gateway.registry.config import ModelEntry
 from tests.support import Gateway, write_config
 
 CPU = ModelEntry(source="/m")

@@ -18,14 +18,14 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ValidationError
 
-from gateway.protocol import (
+from gateway.api.protocol import (
     UNICODE_TEXT,
     ChatCompletionRequest,
     CompletionRequest,
     SeedRequest,
 )
-from gateway.registry import load_registry
-from gateway.routes.openai import VALIDATED_BODIES
+from gateway.api.routes.openai import VALIDATED_BODIES
+from gateway.registry.load import load_registry
 from gateway.worker.server import WorkerState, create_worker_app
 from tests.test_config import NoLauncher
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from gateway.budget import measured
-from gateway.config import ModelEntry
+from gateway.lifecycle.budget import measured
+from gateway.registry.config import ModelEntry
 from gateway.worker.memory import CUDA_CONTEXT_BYTES, baseline, kv_cache_bound, memory_report
 from tests.support import ROOT
 

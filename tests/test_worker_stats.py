@@ -13,14 +13,14 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.admission import Admission
-from gateway.config import ModelEntry
+from gateway.api.metrics import GatewayMetrics
+from gateway.api.worker_metrics import WorkerScraper
 from gateway.errors import UpstreamFailed
-from gateway.metrics import GatewayMetrics
+from gateway.lifecycle.admission import Admission
+from gateway.registry.config import ModelEntry
 from gateway.worker.engine import BatchRecord
 from gateway.worker.rows import Event, Row, SamplingParams
 from gateway.worker.stats import WorkerStats
-from gateway.worker_metrics import WorkerScraper
 from tests.support import ROOT
 
 
@@ -215,7 +215,8 @@ def test_each_app_has_its_own_registry() -> None:
 
 def test_the_metrics_modules_do_not_import_torch() -> None:
     code = (
-        "import sys, gateway.app, gateway.metrics, gateway.worker_metrics, gateway.routes.metrics;"
+        "import sys, gateway.app, gateway.api.metrics, gateway.api.worker_metrics;"
+        "import gateway.api.routes.metrics;"
         "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.config import Registry
-from gateway.registry import ConfigError, parse_registry
-from gateway.workerenv import key_sources, worker_environment
+from gateway.backends.workerenv import worker_environment
+from gateway.registry.config import Registry, key_sources
+from gateway.registry.load import ConfigError, parse_registry
 
 GATEWAY_ENV = {
     "PATH": "/usr/bin",

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.cli import main
-from gateway.registry import ConfigError, load_registry
-from gateway.yaml_reader import MAX_DEPTH, MAX_FILE_BYTES
+from gateway.registry.load import ConfigError, load_registry
+from gateway.registry.yaml_reader import MAX_DEPTH, MAX_FILE_BYTES
 
 GOOD = "models:\n  m: {source: ./m}\n"
 

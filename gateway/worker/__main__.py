@@ -59,7 +59,7 @@ def main() -> int:
 def load(spec: WorkerSpec, control: Control) -> Any:
     from adapters import adapter_class
     from adapters.base import LoadSpec
-    from gateway import hub
+    from gateway.registry import hub
 
     started = time.perf_counter()
     entry = spec.entry
@@ -106,7 +106,7 @@ def _load_on_devices(spec: WorkerSpec, adapter: Any) -> None:
 
 def _pull(spec: WorkerSpec, control: Control) -> Path:
     """First use of a model not downloaded yet: fetch it, reporting progress as it comes."""
-    from gateway.hub import WeightsMissing
+    from gateway.registry.hub import WeightsMissing
     from gateway.worker.pull import download, progress_text
 
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""What a loaded model holds, as the worker reports it (`gateway.budget.measured` reads it).
+"""What a loaded model holds, as the worker reports it (`lifecycle.budget.measured` reads it).
 
 On a GPU the weights are only part of it: the CUDA context (0.3-0.6 GiB per GPU before
 anything is allocated), the caching allocator's reserve beyond what is allocated, memory

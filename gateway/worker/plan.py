@@ -5,7 +5,7 @@
 The model's architecture is built from its config on the meta device (no memory, no
 download; remote code through `auto_map` when the request trusts it), then
 `gateway.worker.placing` places whole decoder layers over the budgets: the same map the
-worker passes to `from_pretrained`. Runs in a subprocess (`gateway.placement` starts it):
+worker passes to `from_pretrained`. Runs in a subprocess (`gateway.lifecycle.placement` starts it):
 the gateway side never imports torch.
 
 Request: {"config": dir, "dtype": "bfloat16", "budget": {"0": bytes, "cpu": bytes},

@@ -1,4 +1,4 @@
-"""Download a model's snapshot from its hub into the cache `gateway.hub` looks in.
+"""Download a model's snapshot from its hub into the cache `gateway.registry.hub` looks in.
 
     python -m gateway.worker.pull < {"name": ..., "entry": {...}, "cache": dir}
 
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from gateway.config import ModelEntry
-from gateway.hub import WeightsMissing, hub_cache
+from gateway.registry.config import ModelEntry
+from gateway.registry.hub import WeightsMissing, hub_cache
 
 Report = Callable[[int, int | None], None]  # bytes on disk so far, expected total (or None)
 PROBE_TIMEOUT_S = 3.0

@@ -17,9 +17,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from adapters.base import Adapter, Message, Prompt, SamplingDefaults
+from gateway.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    completion_id,
+)
 from gateway.errors import BadRequest, ContextLengthExceeded, GatewayError
 from gateway.http import install_error_handlers, unless_disconnected
-from gateway.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, completion_id
 from gateway.worker.engine import Engine
 from gateway.worker.mailbox import Mailboxes
 from gateway.worker.responses import ChunkWriter, Kind, full_reply

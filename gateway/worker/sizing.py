@@ -1,6 +1,6 @@
 """The worker's share of its machine: intra-op threads, and the batch size that fits.
 
-Threads: the gateway chooses the count (gateway/threads.py) and puts it in the worker's
+Threads: the gateway chooses the count (gateway/backends/threads.py) and puts it in the worker's
 environment, where OpenMP reads it as torch starts; `apply_threads` also sets it through
 torch, which is what torch's own pools follow.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from gateway.threads import THREADS_ENV
+from gateway.backends.threads import THREADS_ENV
 from gateway.worker.spec import WorkerSpec
 
 AUTO_CAP = 64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-from gateway.config import ModelEntry
+from gateway.registry.config import ModelEntry
 
 SPEC_ENV = "LLMGW_WORKER_SPEC"
 

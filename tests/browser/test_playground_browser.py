@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.routes.playground import CSP
+from gateway.api.routes.playground import CSP
 from tests.browser.conftest import Console
 from tests.support import Gateway, wait_until, write_config
 

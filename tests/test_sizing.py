@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from gateway.backends.meminfo import meminfo_bytes
 from gateway.registry.config import ModelEntry
 from gateway.worker import sizing
 from gateway.worker.spec import WorkerSpec
@@ -94,11 +95,16 @@ def test_auto_on_gpus_sums_what_each_device_has_left(monkeypatch: pytest.MonkeyP
     assert sizing.batch_size(spec(gpus=2, devices=[0, 1], max_memory=budget), model, 1000) == 6
 
 
-def test_mem_available_reads_the_kernels_estimate(tmp_path: Path) -> None:
+def test_meminfo_reads_the_field_asked_for(tmp_path: Path) -> None:
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal: 100 kB\nMemFree: 10 kB\nMemAvailable: 50 kB\n")
-    assert sizing.mem_available(str(meminfo)) == 50 * 1024
-    assert sizing.mem_available(str(tmp_path / "absent")) is None
+    assert meminfo_bytes("MemAvailable", str(meminfo)) == 50 * 1024
+    assert meminfo_bytes("MemTotal", str(meminfo)) == 100 * 1024
+    assert meminfo_bytes("Mem", str(meminfo)) is None  # a prefix of a field is not the field
+    assert meminfo_bytes("MemTotal", str(tmp_path / "absent")) is None
+    meminfo.write_text("MemTotal: lots kB\n")
+    assert meminfo_bytes("MemTotal", str(meminfo)) is None
+    assert sizing.mem_available() == meminfo_bytes("MemAvailable")
 
 
 def test_models_shows_the_batch_size_the_worker_chose(tiny_model: Path, tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.backends import meminfo
 from gateway.backends.engines import memory as vllm_memory
 from gateway.registry.config import ModelEntry
 
@@ -47,7 +48,7 @@ def vllm_reservation(entry: ModelEntry, weights: int) -> Footprint:
     """What vLLM will claim on each device. Without nvidia-smi (a GPU entry planned on
     another machine) a GPU's claim is taken as its `max_memory`, else its weights' share."""
     try:
-        ram = None if entry.devices != "cpu" else vllm_memory.ram_total()
+        ram = None if entry.devices != "cpu" else meminfo.ram_total()
         return vllm_memory.reservation(entry, weights, os.environ, None, ram)
     except vllm_memory.EngineConfigError:
         shares = split(entry, weights)

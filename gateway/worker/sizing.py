@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from gateway.backends.meminfo import meminfo_bytes
 from gateway.backends.threads import THREADS_ENV
 from gateway.worker.spec import WorkerSpec
 
@@ -103,16 +104,9 @@ def free_memory(spec: WorkerSpec, model: Any) -> int | None:
     return total
 
 
-def mem_available(meminfo: str = "/proc/meminfo") -> int | None:
+def mem_available() -> int | None:
     """The kernel's estimate of memory available to a new allocation, without swapping."""
-    try:
-        with open(meminfo) as lines:
-            for line in lines:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
+    return meminfo_bytes("MemAvailable")
 
 
 def _element_size(model: Any) -> int:

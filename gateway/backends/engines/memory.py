@@ -146,18 +146,6 @@ def reservation(
     return {g: int(fraction * sizes[g]) for g in gpus}
 
 
-def ram_total(meminfo: str = "/proc/meminfo") -> int | None:
-    """The machine's RAM (vLLM's CPU build takes its fraction of it), or None if unknown."""
-    try:
-        with open(meminfo) as lines:
-            for line in lines:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
 def gpu_total_bytes() -> dict[str, int]:
     """Each GPU's memory by nvidia-smi index (the numbering `devices` uses)."""
     smi = shutil.which("nvidia-smi")

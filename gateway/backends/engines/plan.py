@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from gateway.backends import meminfo
 from gateway.backends.engines import memory
 from gateway.backends.engines.argv import vllm_dtype
 from gateway.registry.config import ModelEntry
@@ -80,7 +81,7 @@ def reservations(
     """What vLLM holds per device, each GPU's size where known, the fraction, and where the
     GPU sizes came from. Without nvidia-smi and `--gpu-memory`, `max_memory` stands in."""
     if entry.devices == "cpu":
-        held = memory.reservation(entry, weights, os.environ, None, memory.ram_total())
+        held = memory.reservation(entry, weights, os.environ, None, meminfo.ram_total())
         return held, {"cpu": None}, None, "the machine's RAM"
     gpus = [str(g) for g in entry.devices]
     if gpu_memory is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import alive, wait_until
+from tests.support import ROOT, alive, wait_until
 
 STARTED: list[subprocess.Popen[str]] = []
 
@@ -168,3 +168,32 @@ def test_a_command_that_cannot_start_is_reported() -> None:
     )
     assert done.returncode == 127
     assert "cannot start '/no/such/engine'" in done.stderr
+
+
+# An engine and its helper in the guard's process group, as vLLM's processes are.
+GROUPED = """\
+import subprocess, sys, time
+helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+print(helper.pid, flush=True)
+time.sleep(600)
+"""
+
+
+async def test_a_killed_guard_takes_its_process_group_with_it(tmp_path: Path) -> None:
+    from gateway.backends.engines.process import EngineProcess
+    from gateway.backends.upstream import Upstream
+
+    script = tmp_path / "grouped.py"
+    script.write_text(GROUPED)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    upstream = Upstream("http://127.0.0.1:9", label="nothing")
+    engine = await EngineProcess.start(
+        "m", "command", [sys.executable, str(script)], env, upstream, "/health", grace_s=1
+    )
+    guard = engine.process.pid
+    assert wait_until(lambda: len(tree_of(guard)) >= 2, timeout=10)
+    tree = tree_of(guard)
+    os.kill(guard, signal.SIGKILL)  # the guard cannot take anything down itself
+    assert await engine.exited == -signal.SIGKILL
+    assert wait_until(lambda: not alive(tree), timeout=10), alive(tree)
+    await engine.stop(1.0)

@@ -177,6 +177,13 @@ class EngineProcess:
 
     async def _watch_exit(self) -> None:
         code = await self._exit_code()
+        if code < 0:
+            log.warning("the guard of %r was killed (signal %d)", self.name, -code)
+        # A guard that was killed could not take its tree down; what stayed in its process
+        # group (vLLM's processes do) goes now. After a clean exit the group is empty. The
+        # group's id cannot be reused while a member lives, so this reaches no stranger.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         if not self._exited.done():
             self._exited.set_result(code)
 

@@ -7,6 +7,7 @@ The gateway applies the first two (`resolve_*`); the worker fills what is still 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -313,24 +314,62 @@ MAX_RELAYED_CHOICES = 128
 
 
 def _unicode_everywhere(value: object, where: str) -> None:
-    """Refuse a lone surrogate anywhere in relayed JSON, naming the field (iterative: a
-    body is as deep as the JSON parser allowed)."""
-    stack: list[tuple[str, object]] = [(where, value)]
+    """Refuse a lone surrogate anywhere in relayed JSON, naming the field. One C-speed
+    encode checks the whole value; only a value that fails is walked to find where."""
+    try:
+        json.dumps(value, ensure_ascii=False, check_circular=False).encode("utf-8")
+    except (UnicodeEncodeError, TypeError, ValueError, RecursionError):
+        pass  # walk it: the walk finds the surrogate, or finds none and lets the value be
+    else:
+        return
+    # Iterative: a body is as deep as the JSON parser allowed. Paths are built only for
+    # the item that fails, and keys in them are escaped (a key may be the surrogate).
+    stack: list[tuple[object, tuple[Any, ...]]] = [(value, (where,))]
     while stack:
-        path, item = stack.pop()
+        item, trail = stack.pop()
         if isinstance(item, str):
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError as exc:
                 raise ValueError(
-                    f"{path}: text must be valid Unicode: a lone surrogate at character {exc.start}"
+                    f"{_path(trail)}: text must be valid Unicode: a lone surrogate at "
+                    f"character {exc.start}"
                 ) from None
         elif isinstance(item, dict):
             for key, inner in item.items():
-                stack.append((f"{path}.{key}", key))
-                stack.append((f"{path}.{key}", inner))
+                stack.append((key, (trail, key)))
+                stack.append((inner, (trail, key)))
         elif isinstance(item, list):
-            stack.extend((f"{path}[{i}]", inner) for i, inner in enumerate(item))
+            stack.extend((inner, (trail, i)) for i, inner in enumerate(item))
+
+
+def _path(trail: tuple[Any, ...]) -> str:
+    """`messages[0].content` from the nested (parent, key) pairs of the walk."""
+    parts: list[str] = []
+    while len(trail) == 2:
+        trail, key = trail
+        if isinstance(key, int):
+            parts.append(f"[{key}]")
+        else:
+            parts.append("." + str(key).encode("utf-8", "backslashreplace").decode())
+    return str(trail[0]) + "".join(reversed(parts))
+
+
+# Other names engines give the new-token count (llama.cpp, Ollama, TGI; `max_completion_tokens`
+# on /v1/completions). Relayed untouched they would escape `limits.max_new_tokens`.
+TOKEN_COUNT_ALIASES = ("max_completion_tokens", "n_predict", "num_predict", "max_new_tokens")
+# What engines take beyond the gateway's own ranges: vLLM's top_k -1 is "off", and an
+# engine's seed may be any 64-bit integer.
+RelayedTopK = Annotated[int, Field(ge=-1, le=1_000_000)]
+RelayedSeed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1)]
+
+
+class RelayedStreamOptions(BaseModel):
+    """`stream_options` as an engine may take it (vLLM's `continuous_usage_stats`)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    include_usage: bool = False
 
 
 class Relayed(BaseModel):
@@ -338,6 +377,12 @@ class Relayed(BaseModel):
 
     def _check_extra(self, where: str) -> None:
         for key, value in (self.model_extra or {}).items():
+            if not where and key in TOKEN_COUNT_ALIASES:
+                raise ValueError(
+                    f"{key}: the gateway reads the new-token count from max_tokens"
+                    f"{' or max_completion_tokens' if hasattr(self, 'messages') else ''}, "
+                    "which its limits bound; send it there"
+                )
             _unicode_everywhere(key, where or "body")
             _unicode_everywhere(value, f"{where}.{key}" if where else key)
 
@@ -360,6 +405,9 @@ class RelayedChatRequest(ChatCompletionRequest, Relayed):
     model_config = ConfigDict(extra="allow", strict=True)
 
     messages: list[RelayedMessage] = Field(..., min_length=1)  # type: ignore[assignment]
+    top_k: RelayedTopK | None = None
+    seed: RelayedSeed | None = None
+    stream_options: RelayedStreamOptions | None = None  # type: ignore[assignment]
     n: Annotated[int, Field(ge=1, le=MAX_RELAYED_CHOICES)] = 1  # type: ignore[assignment]
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
@@ -384,6 +432,9 @@ class RelayedCompletionRequest(CompletionRequest, Relayed):
     model_config = ConfigDict(extra="allow", strict=True)
 
     prompt: WireStr | list[WireStr] | list[int] | list[list[int]] = Field(..., min_length=1)  # type: ignore[assignment]
+    top_k: RelayedTopK | None = None
+    seed: RelayedSeed | None = None
+    stream_options: RelayedStreamOptions | None = None  # type: ignore[assignment]
     n: Annotated[int, Field(ge=1, le=MAX_RELAYED_CHOICES)] = 1  # type: ignore[assignment]
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None

@@ -120,6 +120,13 @@ def test_max_memory_beyond_a_gpu_is_capped_and_an_unknown_gpu_is_an_error() -> N
         ({"engine_args": ["--port", "9"]}, "--port is set by the gateway"),
         ({"engine_args": {"served_model_name": "x"}}, "--served-model-name is set by the gateway"),
         ({"engine_args": {"api-key": "x"}}, "--api-key is set by the gateway"),
+        # vLLM's parser takes an unambiguous prefix of a long flag as the flag.
+        ({"engine_args": ["--por", "9"]}, "--port is set by the gateway"),
+        ({"engine_args": ["--served-model", "evil"]}, "--served-model-name is set"),
+        ({"engine_args": {"api-k": "x"}}, "--api-key is set by the gateway"),
+        ({"engine_args": ["--hos=0.0.0.0"]}, "--host is set by the gateway"),
+        ({"env": {"VLLM_API_KEY": "s"}}, "env.VLLM_API_KEY is --api-key"),
+        ({"threads": 2}, "`threads` is for the gateway's own worker"),
         ({"engine_args": {"bad flag": 1}}, "not a flag name"),
         ({"engine_args": ["--x\x00"]}, "NUL"),
         ({"engine": "transformers", "engine_args": ["--x"]}, "only for `engine: vllm`"),
@@ -142,16 +149,23 @@ def test_the_registry_refuses_engine_settings_that_cannot_work(
         ({"argv": []}, "at least 1 item"),
         ({"argv": ["srv", "--port", "{prot}"]}, "names {prot}; the placeholders are"),
         ({"argv": ["srv", "{"]}, "write {{ and }} for braces"),
+        ({"argv": ["srv", "{port:>300000000}"]}, "no format spec or conversion"),
+        ({"argv": ["srv", "{port!r}"]}, "no format spec or conversion"),
+        ({"argv": ["srv", "{port:d}"]}, "no format spec or conversion"),
+        ({"argv": ["srv", "{port}"], "ready_path": "/h"}, None),
         ({"argv": ["srv", "-m", "{model_path}"]}, "names {model_path}: give `source`"),
         ({"argv": ["srv"], "ready_path": "health"}, "ready_path"),
     ],
 )
 def test_a_command_engine_is_checked_when_the_registry_loads(
-    command: dict[str, Any] | None, message: str
+    command: dict[str, Any] | None, message: str | None
 ) -> None:
     fields: dict[str, Any] = {"engine": "command"}
     if command is not None:
         fields["command"] = command
+    if message is None:  # the control: a good command loads
+        assert ModelEntry.model_validate(fields).command is not None
+        return
     with pytest.raises(ValidationError, match=message):
         ModelEntry.model_validate(fields)
 
@@ -169,3 +183,15 @@ def test_a_command_template_is_filled_and_keeps_literal_braces() -> None:
         command_argv(["/no/such/program"], values)
     entry = ModelEntry.model_validate({"engine": "command", "command": {"argv": ["srv", "{port}"]}})
     assert entry.relays and entry.source is None
+
+
+def test_engine_args_that_only_look_like_owned_flags_pass() -> None:
+    args = ["--max-model-len", "64", "--model-impl", "vllm", "--seed", "-1", "--enforce-eager"]
+    assert entry(engine_args=args).engine_args == args
+
+
+@pytest.mark.parametrize("threads", ["4", True, 1.5, 0, 99999999999999999999])
+def test_threads_is_a_whole_number_of_threads_within_reason(threads: object) -> None:
+    with pytest.raises(ValidationError, match="threads"):
+        ModelEntry.model_validate({"source": "/m", "threads": threads})
+    assert ModelEntry.model_validate({"source": "/m", "threads": 1024}).threads == 1024

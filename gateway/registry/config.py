@@ -268,11 +268,12 @@ def check_engine_args(value: list[str] | dict[str, object]) -> list[str] | dict[
         if any("\x00" in item for item in value):
             raise ValueError("an engine argument may not contain a NUL character")
         flags = [_flag_name(item) for item in value if item.startswith("-")]
-    owned = sorted(set(flags) & GATEWAY_OWNED_VLLM_FLAGS)
+    # vLLM's parser takes any unambiguous prefix of a long flag (`--por` is `--port`).
+    owned = sorted({o for f in flags if f for o in GATEWAY_OWNED_VLLM_FLAGS if o.startswith(f)})
     if owned:
         raise ValueError(
             f"--{owned[0]} is set by the gateway (from the entry and its own port); "
-            "leave it out of `engine_args`"
+            "leave it out of `engine_args`, also as a prefix of it"
         )
     return value
 
@@ -302,9 +303,14 @@ class CommandEngine(Strict):
             if "\x00" in item:
                 raise ValueError("an argument may not contain a NUL character")
             try:
-                fields = [f for _, f, _, _ in string.Formatter().parse(item) if f is not None]
+                parsed = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(item)]
             except ValueError as exc:
                 raise ValueError(f"{item!r}: {exc} (write {{{{ and }}}} for braces)") from None
+            fields = [f for f, _, _ in parsed if f is not None]
+            if any(spec or conv for f, spec, conv in parsed if f is not None):
+                raise ValueError(
+                    f"{item!r}: a placeholder is filled as it is: no format spec or conversion"
+                )
             unknown = [f for f in fields if f not in COMMAND_PLACEHOLDERS]
             if unknown:
                 raise ValueError(
@@ -450,6 +456,8 @@ class ModelEntry(Strict):
     threads: int | None = Field(
         None,
         gt=0,
+        le=1024,
+        strict=True,
         description=(
             "Intra-op threads of a CPU worker. Unset: its share of the cores, less one left to "
             "the gateway, among the CPU workers running at launch (gateway/backends/threads.py)."
@@ -547,6 +555,16 @@ class ModelEntry(Strict):
         if self.engine_args is not None and self.engine != "vllm":
             raise ValueError(
                 "`engine_args` is only for `engine: vllm` (a command carries its own arguments)"
+            )
+        if self.engine == "vllm" and "VLLM_API_KEY" in self.env:
+            raise ValueError(
+                "env.VLLM_API_KEY is --api-key: the gateway talks to its engine without a key "
+                "(put keys in gateway.auth)"
+            )
+        if self.threads is not None and (self.engine != "transformers" or self.upstream):
+            raise ValueError(
+                "`threads` is for the gateway's own worker; give an engine its threads "
+                "through its own flags or `env`"
             )
 
     @property

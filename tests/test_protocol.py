@@ -481,3 +481,22 @@ def test_completion_ids_are_prefixed_and_unique() -> None:
     ids = {completion_id("cmpl") for _ in range(100)}
     assert len(ids) == 100
     assert all(i.startswith("cmpl-") for i in ids)
+
+
+@pytest.mark.parametrize(
+    ("model", "value", "message"),
+    [
+        (ChatCompletionRequest, True, "returns no log-probabilities"),
+        (ChatCompletionRequest, 1, "expected a boolean"),
+        (CompletionRequest, 2, "returns no log-probabilities"),
+        (CompletionRequest, True, "expected a whole number"),
+    ],
+)
+def test_logprobs_on_the_worker_says_why_it_is_refused(
+    model: type[ChatCompletionRequest] | type[CompletionRequest], value: object, message: str
+) -> None:
+    body: dict[str, Any] = {"model": "m", "logprobs": value}
+    body |= {"messages": USER_HI} if model is ChatCompletionRequest else {"prompt": "x"}
+    assert message in error_of(model, body)["msg"]
+    body["logprobs"] = False if model is ChatCompletionRequest else 0
+    assert model.model_validate(body).logprobs in (False, 0)

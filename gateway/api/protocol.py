@@ -56,6 +56,33 @@ def _a_bool(value: object) -> object:
     return value
 
 
+NO_LOGPROBS = (
+    "this model's worker (engine: transformers) returns no log-probabilities; "
+    "a model on engine: vllm does"
+)
+
+
+def _chat_logprobs(value: object) -> object:
+    if not isinstance(value, bool):
+        raise ValueError("expected a boolean")
+    if value:
+        raise ValueError(NO_LOGPROBS)
+    return value
+
+
+def _completion_logprobs(value: object) -> object:
+    # On /v1/completions `logprobs` is how many alternatives to return per token.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("expected a whole number")
+    if value:
+        raise ValueError(NO_LOGPROBS)
+    return value
+
+
+ChatLogprobs = Annotated[Literal[False], BeforeValidator(_chat_logprobs)]
+CompletionLogprobs = Annotated[Literal[0], BeforeValidator(_completion_logprobs)]
+
+
 # A per-request keep-alive: seconds to stay loaded after this request; 0 unloads at once,
 # -1 keeps the model loaded until evicted or unloaded by an admin.
 KeepAlive = Annotated[float, Field(ge=-1, allow_inf_nan=False)]
@@ -137,7 +164,7 @@ class _OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     presence_penalty: OnlyZero | None = None
     frequency_penalty: OnlyZero | None = None
-    logprobs: OnlyFalse | None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionRequest(_OpenAIFields):
@@ -159,6 +186,7 @@ class ChatCompletionRequest(_OpenAIFields):
 class CompletionRequest(_OpenAIFields):
     prompt: WireStr = Field(..., min_length=1)
     max_tokens: MaxTokens | None = None
+    logprobs: CompletionLogprobs | None = None  # type: ignore[assignment]
     echo: OnlyFalse = False
 
     @field_validator("prompt")

@@ -97,6 +97,15 @@ class ClientClosed(GatewayError):
     type = "client_closed_request"
 
 
+class ChatTemplateFailed(GatewayError):
+    """The model's chat template itself broke on these messages: an error in the template, or
+    past its time or size bound. The server's fault, not the request's."""
+
+    status = 500
+    type = "server_error"
+    default_code = "chat_template_failed"
+
+
 class UpstreamFailed(GatewayError):
     """The model's worker died or answered garbage while serving this request."""
 
@@ -148,13 +157,23 @@ def error_for_status(status: int, message: str, code: str | None = None) -> Gate
     return cls(message, code=code)
 
 
-def from_envelope(status: int, body: object) -> GatewayError:
-    """Rebuild an error relayed from a worker or a remote upstream, keeping its status."""
+# Statuses an upstream may answer that are about the gateway's own credentials or route to
+# it, not about the client's request: relayed as they are they would mislead the client.
+_NOT_RELAYED = {401, 403, 407}
+
+
+def from_envelope(status: int, body: object, source: str = "the upstream") -> GatewayError:
+    """Rebuild an error relayed from a worker or a remote upstream, keeping its status: a
+    4xx or 5xx, except the engine's own 401/403/407, which like any other status (a 3xx,
+    a 2xx other than 200) become a 502 that names it."""
     detail = body.get("error") if isinstance(body, dict) else None
     if not isinstance(detail, dict):
         shown = str(body)[:200] if body is not None else "a body that is not JSON"
-        return UpstreamFailed(f"the upstream answered HTTP {status} with {shown}")
-    err = error_for_status(status, str(detail.get("message") or f"HTTP {status}"))
+        return UpstreamFailed(f"{source} answered HTTP {status} with {shown}")
+    message = str(detail.get("message") or f"HTTP {status}")
+    if not 400 <= status < 600 or status in _NOT_RELAYED:
+        return UpstreamFailed(f"{source} answered HTTP {status}: {message[:500]}")
+    err = error_for_status(status, message)
     err.status = status
     err.param = detail.get("param") if isinstance(detail.get("param"), str) else None
     code = detail.get("code")

@@ -1,6 +1,7 @@
 """`engine: command`: a server the gateway starts by command, behind the same lifecycle and
 API as its own worker. The server is a stand-in that echoes what it received
-(tests/fixtures/echo_openai.py); tests/test_e2e_vllm.py runs real vLLM the same way."""
+(tests/fixtures/echo_openai.py), or one that misbehaves as each request picks
+(tests/fixtures/hostile_openai.py); tests/test_e2e_vllm.py runs real vLLM the same way."""
 
 from __future__ import annotations
 
@@ -12,15 +13,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.support import ROOT, Gateway, running, wait_until, worker_pids, write_config
 
 ECHO = ROOT / "tests" / "fixtures" / "echo_openai.py"
+HOSTILE = ROOT / "tests" / "fixtures" / "hostile_openai.py"
 
 
 def config_text(tiny_model: Path, ready_after: float = 0.5) -> str:
     argv = [sys.executable, str(ECHO), "{port}", "--ready-after", str(ready_after)]
+    hostile = [sys.executable, str(HOSTILE), "{port}"]
     return f"""\
     gateway:
       probe_interval_s: 0.5
@@ -31,6 +35,10 @@ def config_text(tiny_model: Path, ready_after: float = 0.5) -> str:
         system_prompt: Be brief.
         generation: {{temperature: 0.3, max_new_tokens: 17}}
         limits: {{max_new_tokens: 64}}
+      hostile:
+        engine: command
+        command: {{argv: {json.dumps(hostile)}, ready_path: /health}}
+        limits: {{request_timeout_s: 30}}
       tiny:
         source: {tiny_model}
     """
@@ -175,3 +183,142 @@ def test_a_command_that_exits_while_starting_fails_the_load_with_its_output(
         assert "no GPU here" in reply.json()["error"]["message"]
         assert "code 3" in reply.json()["error"]["message"]
         assert gw.models()["broken"]["state"] == "failed"
+
+
+def test_the_seed_route_sends_no_null_fields(gateway: Gateway) -> None:
+    sent = json.loads(gateway.post("/echo", {"prompt": "hi"}).json()["response"])
+    assert None not in sent.values()
+    assert "seed" not in sent and "stream_options" not in sent and sent["stream"] is False
+    streamed = events(gateway, "/echo", {"prompt": "hi", "stream": True})
+    sent = json.loads(json.loads(streamed[-2])["response"])
+    assert None not in sent.values()
+    assert "seed" not in sent and sent["stream_options"] == {"include_usage": True}
+    seeded = json.loads(gateway.post("/echo", {"prompt": "hi", "seed": 7}).json()["response"])
+    assert seeded["seed"] == 7
+
+
+# -- an engine that misbehaves (tests/fixtures/hostile_openai.py) ----------------------------
+
+
+def events(gateway: Gateway, path: str, body: dict[str, Any]) -> list[str]:
+    reply = gateway.post(path, body)
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    lines = reply.text.splitlines()
+    return [line.removeprefix("data: ") for line in lines if line.startswith("data: ")]
+
+
+def chat(text: str, **extra: Any) -> dict[str, Any]:
+    return {"model": "hostile", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def assert_engine_failed(reply: httpx.Response, *named: str) -> None:
+    assert reply.status_code == 502, reply.text
+    error = reply.json()["error"]
+    assert error["code"] == "worker_failed" and error["type"] == "server_error"
+    for part in named:
+        assert part in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "named"),
+    [
+        ("no-choices", "without choices"),
+        ("empty-choices", "without choices"),
+        ("bad-usage", "usage that is not token counts"),
+        ("error-200", "HTTP 200 with an error: engine exploded"),
+    ],
+)
+def test_a_seed_reply_that_is_not_a_chat_completion_is_a_502_naming_it(
+    gateway: Gateway, mode: str, named: str
+) -> None:
+    assert_engine_failed(gateway.post("/hostile", {"prompt": mode}), "'hostile'", named)
+
+
+def test_a_tool_call_reply_is_a_seed_reply_with_no_text(gateway: Gateway) -> None:
+    reply = gateway.post("/hostile", {"prompt": "tool-call"})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["response"] == "" and reply.json()["finish_reason"] == "tool_calls"
+
+
+@pytest.mark.parametrize("mode", ["not-json-event", "list-event"])
+def test_a_seed_stream_event_that_is_not_a_chunk_is_an_error_event(
+    gateway: Gateway, mode: str
+) -> None:
+    *_, error, done = events(gateway, "/hostile", {"prompt": mode, "stream": True})
+    assert done == "[DONE]"
+    assert json.loads(error)["status"] == 502
+    assert json.loads(error)["error"]["code"] == "worker_failed"
+
+
+@pytest.mark.parametrize(("mode", "kind"), [("html", "text/html"), ("json-for-stream", "json")])
+def test_a_stream_answered_with_a_body_that_is_not_sse_is_a_502(
+    gateway: Gateway, mode: str, kind: str
+) -> None:
+    for path, body in (
+        ("/v1/chat/completions", chat(mode, stream=True)),
+        ("/v1/completions", {"model": "hostile", "prompt": mode, "stream": True}),
+        ("/hostile", {"prompt": mode, "stream": True}),
+    ):
+        assert_engine_failed(gateway.post(path, body), kind, "not an event stream")
+    # Not asked to stream, the engine's HTML is not JSON: the same failure.
+    assert_engine_failed(gateway.post("/hostile", {"prompt": "html"}), "not JSON")
+
+
+def test_a_reply_or_a_stream_line_past_its_cap_is_a_502_and_the_engine_serves_on(
+    gateway: Gateway,
+) -> None:
+    huge = gateway.post("/v1/chat/completions", chat("huge"))
+    assert_engine_failed(huge, f"larger than {64 * 1024 * 1024} bytes")
+    *_, error, done = events(gateway, "/v1/chat/completions", chat("long-line", stream=True))
+    assert json.loads(error)["error"]["code"] == "worker_failed" and done == "[DONE]"
+    assert f"longer than {16 * 1024 * 1024} bytes" in json.loads(error)["error"]["message"]
+    assert gateway.post("/hostile", {"prompt": "hi"}).json()["response"] == "hey"
+
+
+def test_an_answer_ends_at_done_though_the_engine_holds_its_connection_open(
+    gateway: Gateway,
+) -> None:
+    # request_timeout_s is 30: a gateway that read on past [DONE] would answer 504 then.
+    with httpx.Client(base_url=gateway.url, timeout=15.0) as client:
+        for path, body in (
+            ("/v1/chat/completions", chat("done-then-hang", stream=True)),
+            ("/hostile", {"prompt": "done-then-hang", "stream": True}),
+        ):
+            reply = client.post(path, json=body)
+            assert reply.status_code == 200 and "error" not in reply.text, reply.text
+            assert reply.text.rstrip().endswith("data: [DONE]") and "done" in reply.text
+    # Its lease was given back with the answer: the model is idle again.
+    assert wait_until(lambda: gateway.models()["hostile"]["in_flight"] == 0, timeout=5)
+
+
+def test_the_client_hears_the_model_name_it_asked_for_not_the_engines(gateway: Gateway) -> None:
+    reply = gateway.post("/v1/chat/completions", chat("hi"))
+    assert reply.status_code == 200 and reply.json()["model"] == "hostile"
+    for path, body in (
+        ("/v1/chat/completions", chat("hi", stream=True)),
+        ("/v1/completions", {"model": "hostile", "prompt": "hi", "stream": True}),
+    ):
+        chunks = [json.loads(e) for e in events(gateway, path, body) if e != "[DONE]"]
+        assert len(chunks) == 3 and {c["model"] for c in chunks} == {"hostile"}
+
+
+@pytest.mark.parametrize(("mode", "status"), [("redirect", 302), ("unauthorized", 401)])
+def test_an_engine_status_about_the_engine_itself_is_a_502_naming_it(
+    gateway: Gateway, mode: str, status: int
+) -> None:
+    for path, body in (
+        ("/v1/chat/completions", chat(mode)),
+        ("/v1/chat/completions", chat(mode, stream=True)),
+        ("/hostile", {"prompt": mode}),
+    ):
+        reply = gateway.post(path, body)
+        assert_engine_failed(reply, f"the command engine of 'hostile' answered HTTP {status}")
+        assert "location" not in reply.headers
+
+
+def test_an_engine_refusing_the_request_itself_keeps_its_status(gateway: Gateway) -> None:
+    reply = gateway.post("/v1/chat/completions", chat("unprocessable"))
+    assert reply.status_code == 422, reply.text
+    error = reply.json()["error"]
+    assert error["param"] == "tools" and error["code"] == "bad_field"

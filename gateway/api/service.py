@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any, TypeVar
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -31,7 +32,13 @@ from gateway.api.protocol import (
     resolve_completion,
     seed_to_chat,
 )
-from gateway.errors import BadRequest, GatewayError, GatewayTimeout, UpstreamUnreachable
+from gateway.errors import (
+    BadRequest,
+    GatewayError,
+    GatewayTimeout,
+    UpstreamFailed,
+    UpstreamUnreachable,
+)
 from gateway.http import unless_disconnected
 from gateway.lifecycle.runtime import Lease
 from gateway.lifecycle.supervisor import Supervisor
@@ -99,8 +106,9 @@ class Inference:
         payload = self._payload(name, body)
         if body.stream:
             events, close = await self._open_stream(request, name, body.keep_alive, path, payload)
-            # A local worker already names the model as we do: relay its chunks untouched.
-            rename = payload["model"] != name
+            # The client hears the name it asked for, whatever an engine calls its model; the
+            # gateway's own worker already names it so: its chunks are relayed untouched.
+            rename = self.supervisor.get(name).entry.relays or payload["model"] != name
             return ManagedStream(_relay(events, name, rename), close)
         reply = await self._call(request, name, body.keep_alive, path, payload)
         reply["model"] = name
@@ -123,21 +131,16 @@ class Inference:
         chat = resolve_chat(
             seed_to_chat(body, name), entry.generation, entry.system_prompt, entry.relays
         )
-        payload = self._payload(name, chat)
+        # Every field of this request is the gateway's: those the seed body left unset
+        # (`seed`, `stream_options`, ...) are left out, not sent as nulls.
+        payload = {k: v for k, v in self._payload(name, chat).items() if v is not None}
         if body.stream:
             events, close = await self._open_stream(
                 request, name, body.keep_alive, CHAT_PATH, payload
             )
             return ManagedStream(_seed_stream(events, name), close)
         reply = await self._call(request, name, body.keep_alive, CHAT_PATH, payload)
-        choice = reply["choices"][0]
-        return SeedReply(
-            response=choice["message"]["content"],
-            time=now_text(),
-            model=name,
-            finish_reason=choice.get("finish_reason"),
-            usage=Usage.model_validate(reply["usage"]) if reply.get("usage") else None,
-        )
+        return _seed_reply(reply, name)
 
     # -- shared -----------------------------------------------------------------------------
 
@@ -243,16 +246,19 @@ async def _deadline(events: AsyncIterator[str], lease: Lease) -> AsyncIterator[s
     loop = asyncio.get_running_loop()
     end = loop.time() + timeout
     iterator = events.__aiter__()
-    while True:
-        try:
-            data = await asyncio.wait_for(iterator.__anext__(), max(0.0, end - loop.time()))
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            raise GatewayTimeout(
-                f"model {lease.name!r} did not finish within request_timeout_s={timeout:g}"
-            ) from None
-        yield data
+    try:
+        while True:
+            try:
+                data = await asyncio.wait_for(iterator.__anext__(), max(0.0, end - loop.time()))
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                raise GatewayTimeout(
+                    f"model {lease.name!r} did not finish within request_timeout_s={timeout:g}"
+                ) from None
+            yield data
+    finally:
+        await _close(iterator)
 
 
 async def _relay(events: AsyncIterator[str], name: str, rename: bool) -> AsyncIterator[bytes]:
@@ -265,17 +271,29 @@ async def _relay(events: AsyncIterator[str], name: str, rename: bool) -> AsyncIt
 
 
 async def _until_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The events before `[DONE]`. The rest of the body is read (and dropped) rather than
-    abandoned: a body read to its end lets the upstream connection be reused, where one
-    closed early costs a new connection per streamed request."""
-    done = False
-    async for data in events:
-        done = done or data == "[DONE]"
-        if not done:
+    """The events before `[DONE]`; nothing after it is read. An engine may keep its
+    connection open past its answer (SSE comments, or nothing): reading on would turn a
+    finished answer into a time-out and hold the lease. The events' iterator is closed
+    here, the upstream response by the stream's cleanup (which also gives the lease back)."""
+    try:
+        async for data in events:
+            if data == "[DONE]":
+                return
             yield data
+    finally:
+        await _close(events)
+
+
+async def _close(events: AsyncIterator[str]) -> None:
+    if isinstance(events, AsyncGenerator):
+        await events.aclose()
 
 
 def _rename(data: str, name: str) -> str:
+    # vLLM is started under the registry name and writes compact JSON: its chunks need no
+    # parse and re-serialisation, which would cost the gateway CPU on every token.
+    if f'"model":{json.dumps(name, ensure_ascii=False)}' in data:
+        return data
     try:
         chunk = json.loads(data)
     except ValueError:
@@ -286,39 +304,121 @@ def _rename(data: str, name: str) -> str:
     return data
 
 
+def _seed_reply(reply: dict[str, Any], name: str) -> SeedReply:
+    """The seed reply to an engine's chat completion. A reply that is not one is the
+    engine's failure (502, naming what was wrong), never the gateway's; a tool-call reply
+    (`content: null` beside `tool_calls`) is one, with no text."""
+    if "error" in reply:
+        raise _answered(name, f"HTTP 200 with an error: {_error_message(reply)}")
+    choices = reply.get("choices")
+    if not isinstance(choices, list) or not choices:
+        raise _answered(name, "a chat completion without choices")
+    choice = choices[0]
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict):
+        raise _answered(name, "a choice without a message")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise _answered(name, "a message whose content is not a string")
+    return SeedReply(
+        response=content or "",
+        time=now_text(),
+        model=name,
+        finish_reason=_finish_reason(choice, name),
+        usage=_usage(reply.get("usage"), name),
+    )
+
+
 async def _seed_stream(events: AsyncIterator[str], name: str) -> AsyncIterator[bytes]:
-    """Seed-route stream: `{"delta"}` events, then the full seed reply, then [DONE]."""
+    """Seed-route stream: `{"delta"}` events, then the full seed reply, then [DONE]. An
+    event that is not a chat completion chunk ends it with an error event, as a broken
+    connection does."""
     text, finish, usage = "", None, None
     try:
         async for data in _until_done(events):
-            chunk = json.loads(data)
+            chunk = _seed_chunk(data, name)
             if "error" in chunk:
                 yield _sse({**chunk, "status": _status_of(chunk)})
                 yield b"data: [DONE]\n\n"
                 return
             usage = chunk.get("usage") or usage
-            for choice in chunk.get("choices", []):
-                finish = choice.get("finish_reason") or finish
-                if delta := choice.get("delta", {}).get("content"):
+            for delta, finished in _seed_deltas(chunk, name):
+                finish = finished or finish
+                if delta:
                     text += delta
                     yield _sse({"delta": delta, "model": name})
+        reply = SeedReply(
+            response=text,
+            time=now_text(),
+            model=name,
+            finish_reason=finish,
+            usage=_usage(usage, name),
+        )
     except GatewayError as exc:
         yield _sse({**exc.envelope(), "status": exc.status})
         yield b"data: [DONE]\n\n"
         return
-    reply = SeedReply(
-        response=text,
-        time=now_text(),
-        model=name,
-        finish_reason=finish,
-        usage=Usage.model_validate(usage) if usage else None,
-    )
     yield _sse(reply.model_dump())
     yield b"data: [DONE]\n\n"
 
 
+def _seed_chunk(data: str, name: str) -> dict[str, Any]:
+    try:
+        chunk = json.loads(data)
+    except ValueError:
+        raise _answered(name, f"a stream event that is not JSON: {data[:100]!r}") from None
+    if not isinstance(chunk, dict):
+        raise _answered(name, f"a stream event that is not a JSON object: {data[:100]!r}")
+    return chunk
+
+
+def _seed_deltas(chunk: dict[str, Any], name: str) -> list[tuple[str | None, str | None]]:
+    """Each choice's text and finish reason in a chunk."""
+    choices = chunk.get("choices") or []
+    if not isinstance(choices, list):
+        raise _answered(name, "a stream event whose choices are not a list")
+    found = []
+    for choice in choices:
+        delta = choice.get("delta") or {} if isinstance(choice, dict) else None
+        if not isinstance(delta, dict):
+            raise _answered(name, "a stream event whose choice or delta is not an object")
+        content = delta.get("content")
+        if content is not None and not isinstance(content, str):
+            raise _answered(name, "a stream event whose content is not a string")
+        found.append((content, _finish_reason(choice, name)))
+    return found
+
+
+def _finish_reason(choice: object, name: str) -> str | None:
+    finish = choice.get("finish_reason") if isinstance(choice, dict) else None
+    if finish is not None and not isinstance(finish, str):
+        raise _answered(name, "a finish_reason that is not a string")
+    return finish
+
+
+def _usage(usage: object, name: str) -> Usage | None:
+    if not usage:
+        return None
+    try:
+        return Usage.model_validate(usage)
+    except ValidationError:
+        raise _answered(name, f"usage that is not token counts: {str(usage)[:200]}") from None
+
+
+def _answered(name: str, what: str) -> UpstreamFailed:
+    return UpstreamFailed(f"model {name!r} answered with {what}")
+
+
+def _error_message(body: dict[str, Any]) -> str:
+    detail = body.get("error")
+    message = detail.get("message") if isinstance(detail, dict) else detail
+    return str(message)[:500]
+
+
 def _status_of(chunk: dict[str, Any]) -> int:
-    return 503 if chunk.get("error", {}).get("code") == "out_of_memory" else 500
+    detail = chunk.get("error")
+    code = detail.get("code") if isinstance(detail, dict) else None
+    return 503 if code == "out_of_memory" else 500
 
 
 def _sse(body: dict[str, Any]) -> bytes:

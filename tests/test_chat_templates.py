@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,13 @@ from adapters.chat_template import TemplatePrompts
 from adapters.transnormer import TransNormerAdapter
 from gateway.backends import rundir
 from gateway.backends.engines.argv import vllm_argv
-from gateway.registry.chat_templates import SAMPLE_CONVERSATION, TemplateProblem, render_sample
+from gateway.registry.chat_templates import (
+    MAX_TEMPLATE_BYTES,
+    SAMPLE_CONVERSATION,
+    TemplateProblem,
+    read,
+    render_sample,
+)
 from gateway.registry.load import ConfigError, load_registry, parse_registry
 from tests.support import ROOT, Gateway, running, write_config
 
@@ -26,6 +34,12 @@ from tests.support import ROOT, Gateway, running, write_config
 BRACKETS = (
     "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
+# A template that never ends on some content (and renders the rest).
+LOOPING = (
+    "{% if messages[-1]['content'] == 'loop' %}"
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
 )
 # A template that refuses a conversation, as many do when roles do not alternate.
 USER_FIRST = (
@@ -102,6 +116,60 @@ def test_an_empty_template_and_one_for_a_command_engine_are_refused() -> None:
         )
 
 
+def test_a_template_file_must_be_a_regular_file(tmp_path: Path) -> None:
+    fifo = tmp_path / "fifo.jinja"
+    os.mkfifo(fifo)  # reading one would wait for a writer forever
+    (tmp_path / "dir.jinja").mkdir()
+    (tmp_path / "linked.jinja").symlink_to(fifo)
+    (tmp_path / "real.jinja").write_text(BRACKETS)
+    (tmp_path / "alias.jinja").symlink_to(tmp_path / "real.jinja")
+    for name, kind in [
+        ("fifo.jinja", "a FIFO"),
+        ("linked.jinja", "a FIFO"),  # a symlink is followed, to what it names
+        ("dir.jinja", "a directory"),
+        ("/dev/zero", "a character device"),  # endless
+    ]:
+        with pytest.raises(TemplateProblem, match=f"is {kind}, not a regular file"):
+            read(name, tmp_path)
+    assert read("alias.jinja", tmp_path) == BRACKETS
+
+
+def test_a_template_file_larger_than_the_cap_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "big.jinja").write_text("x" * MAX_TEMPLATE_BYTES)
+    assert len(read("big.jinja", tmp_path)) == MAX_TEMPLATE_BYTES
+    (tmp_path / "big.jinja").write_text("x" * (MAX_TEMPLATE_BYTES + 1))
+    with pytest.raises(TemplateProblem, match=f"is larger than {MAX_TEMPLATE_BYTES} bytes"):
+        read("big.jinja", tmp_path)
+
+
+def test_a_fifo_template_fails_the_load_and_check_at_once(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "fifo.jinja")
+    with pytest.raises(ConfigError) as caught:
+        load_registry(registry_with(tmp_path, "fifo.jinja"))
+    (issue,) = caught.value.issues
+    assert issue.path == "models.m.chat_template" and issue.line == 5
+    assert "is a FIFO, not a regular file" in issue.message
+    done = run_check(tmp_path / "models.yaml")
+    assert done.returncode == 2
+    assert "models.yaml:5: models.m.chat_template: the chat template file" in done.stderr
+
+
+def test_a_template_that_does_not_compile_fails_the_load(tmp_path: Path) -> None:
+    (tmp_path / "broken.jinja").write_text("{% for m in messages %}{{ m.content }")
+    for template in ("{% for m in messages %}{{ m.content }", "broken.jinja"):
+        with pytest.raises(ConfigError) as caught:
+            load_registry(registry_with(tmp_path, template))
+        (issue,) = caught.value.issues
+        assert issue.path == "models.m.chat_template" and issue.line == 5
+        assert issue.message.startswith("Jinja syntax error on line 1: unexpected '}'")
+    # and one that vLLM renders is compiled the same
+    (tmp_path / "vllm.yaml").write_text(
+        "models: {m: {source: /m, engine: vllm, chat_template: '{{ x '}}"
+    )
+    with pytest.raises(ConfigError, match="Jinja syntax error"):
+        load_registry(tmp_path / "vllm.yaml")
+
+
 # -- check ----------------------------------------------------------------------------------
 
 
@@ -141,6 +209,17 @@ def test_check_reports_a_broken_template_per_model(
     assert "models.yaml:8: models.bad.chat_template: " in done.stderr
     assert reported in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_check_reports_a_template_that_loops_or_fails_instead_of_hanging(tmp_path: Path) -> None:
+    for template, reported in [
+        (LOOPING.replace("== 'loop'", "!= 'loop'"), "rendering failed: it ran for more than 2 s"),
+        ("{{ 1/0 }}", "rendering failed: ZeroDivisionError: division by zero"),
+    ]:
+        done = run_check(registry_with(tmp_path, template))
+        assert done.returncode == 2
+        assert f"models.yaml:5: models.m.chat_template: {reported}" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_the_sample_conversation_has_every_role_and_ends_on_the_user() -> None:
@@ -216,6 +295,7 @@ def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
           own: {{source: {tiny_model}}}
           bracketed: {{source: {tiny_model}, chat_template: brackets.jinja}}
           strict: {{source: {tiny_model}, chat_template: {json.dumps(USER_FIRST)}}}
+          looping: {{source: {tiny_model}, chat_template: {json.dumps(LOOPING)}}}
         """,
     )
     with Gateway(config) as gw:
@@ -296,3 +376,47 @@ def test_a_reload_applies_an_edited_template_file(tiny_model: Path, tmp_path: Pa
         report = gw.client.post("/admin/reload").json()
         assert report["applied"] is True, report
         assert prompt_tokens(gw, "m", "hello") == 1 != before  # "hello" is one token
+
+
+def test_a_looping_template_is_a_clear_error_and_the_model_keeps_serving(
+    gateway: Gateway,
+) -> None:
+    # More at once than the worker's default thread pool holds (what wedged it before).
+    at_once = min(32, (os.cpu_count() or 1) + 4) + 1
+    body = {"model": "looping", "messages": [{"role": "user", "content": "loop"}], "max_tokens": 2}
+    with ThreadPoolExecutor(at_once) as pool:
+        replies = list(
+            pool.map(lambda _: gateway.post("/v1/chat/completions", body), range(at_once))
+        )
+    for reply in replies:
+        assert reply.status_code == 500, reply.text
+        error = reply.json()["error"]
+        assert error["type"] == "server_error" and error["code"] == "chat_template_failed"
+        assert error["message"] == (
+            "the chat template failed: it ran for more than 2 s (a loop that does not end?)"
+        )
+    assert prompt_tokens(gateway, "looping", "hello") == 1  # the same worker answers at once
+
+
+def test_a_reload_with_a_template_that_does_not_compile_keeps_the_old_one(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    template = tmp_path / "chat.jinja"
+    template.write_text(BRACKETS)
+    config = write_config(
+        tmp_path,
+        f"""
+        gateway: {{watch_config: false}}
+        models:
+          m: {{source: {tiny_model}, chat_template: chat.jinja}}
+        """,
+    )
+    with running(config) as gw:
+        before = prompt_tokens(gw, "m", "hello")
+        template.write_text("{% for m in messages %}{{ m.content }")
+        rejected = gw.client.post("/admin/reload")
+        assert rejected.status_code == 400, rejected.text
+        error = rejected.json()["error"]
+        assert error["code"] == "invalid_config"
+        assert "models.m.chat_template: Jinja syntax error on line 1" in error["message"]
+        assert prompt_tokens(gw, "m", "hello") == before  # the old template still renders

@@ -152,17 +152,24 @@ def _absolutize(registry: Registry, base: Path) -> Registry:
 
 
 def _with_templates(registry: Registry, base: Path, text: str, filename: str) -> Registry:
-    """Every `chat_template:` as its text: a file is read now, so a missing one fails the load."""
+    """Every `chat_template:` as its text: a file is read now, so a missing one fails the load,
+    and every template is compiled now, so a Jinja syntax error does too (not each request)."""
     issues: list[ConfigIssue] = []
     models = dict(registry.models)
     for name, entry in registry.models.items():
         if entry.chat_template is None:
             continue
+        loc = ("models", name, "chat_template")
         try:
             template = chat_templates.read(entry.chat_template, base)
         except chat_templates.TemplateProblem as exc:
-            loc = ("models", name, "chat_template")
             hint = "give a path relative to the registry file, or the template inline"
+            issues.append(ConfigIssue(_dotted(loc), str(exc), hint, _text_line(text, loc)))
+            continue
+        try:
+            chat_templates.compile_check(template)
+        except chat_templates.TemplateProblem as exc:
+            hint = "fix the template's Jinja; `llm-gateway check` also renders it on a sample"
             issues.append(ConfigIssue(_dotted(loc), str(exc), hint, _text_line(text, loc)))
             continue
         models[name] = entry.model_copy(update={"chat_template": template})

@@ -8,6 +8,7 @@ server-sent events. A client that goes away cancels its row.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,13 +18,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from adapters.base import Adapter, Message, Prompt, SamplingDefaults
+from adapters.chat_template import TemplateFailed
 from gateway.api.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     SamplingFields,
     completion_id,
 )
-from gateway.errors import BadRequest, ContextLengthExceeded, GatewayError
+from gateway.errors import BadRequest, ChatTemplateFailed, ContextLengthExceeded, GatewayError
 from gateway.http import install_error_handlers, unless_disconnected
 from gateway.worker.engine import Engine
 from gateway.worker.mailbox import Mailboxes
@@ -124,8 +126,11 @@ def _longest_token(adapter: Adapter) -> int:
 async def _build(render: Callable[[Any], Prompt], value: Any) -> Prompt:
     try:
         return await asyncio.to_thread(render, value)
-    except ValueError as exc:
+    except ValueError as exc:  # the request's fault: the adapter or template refuses it
         raise BadRequest(str(exc)) from exc
+    except TemplateFailed as exc:  # the template's own fault (bounded: the worker goes on)
+        logging.getLogger(__name__).warning("%s", exc)
+        raise ChatTemplateFailed(str(exc)) from exc
 
 
 async def _serve(

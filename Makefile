@@ -9,7 +9,7 @@ PIP_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 # Lint what exists: bench/ arrives with the benchmarks.
 LINT_DIRS := $(wildcard gateway adapters tests bench configs)
 
-.PHONY: serve test test-browser test-vllm vllm-env install demo lint format typecheck check schema bench clean
+.PHONY: serve test test-browser test-vllm test-cluster vllm-env install demo lint format typecheck check schema bench clean
 
 serve: $(STAMP) $(DEMO)/config.json  ## build what is missing, then serve models.yaml on 127.0.0.1:6006
 	$(PY) -m gateway serve --config models.yaml
@@ -45,6 +45,14 @@ $(VLLM_ENV)/.installed:
 test-vllm: $(STAMP) $(VLLM_ENV)/.installed  ## models served by real vLLM CPU processes
 	LLMGW_VLLM_PYTHON=$(VLLM_ENV)/bin/python LLMGW_REQUIRE_VLLM=1 $(PY) -m pytest -q -m vllm tests/test_e2e_vllm.py tests/test_e2e_vllm_moe.py
 
+# `serve --cluster`: a local Ray cluster with simulated nodes serves the tiny models.
+test-cluster: $(STAMP) $(VENV)/.cluster-installed  ## models on a local Ray cluster (~5 min)
+	$(PY) -m pytest -q -m cluster tests/test_cluster.py tests/test_cluster_errors.py tests/test_cluster_auth.py
+
+$(VENV)/.cluster-installed: pyproject.toml $(CONSTRAINTS) | $(STAMP)
+	$(PY) -m pip install --quiet $(PIP_FLAGS) -e '.[worker,hubs,dev,cluster]'
+	touch $@
+
 install: $(STAMP)
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -76,7 +84,7 @@ schema: $(STAMP)  ## regenerate docs/models.schema.json from gateway/registry/co
 	$(PY) -m gateway schema > docs/models.schema.json.tmp
 	mv docs/models.schema.json.tmp docs/models.schema.json
 
-bench: $(STAMP) $(VENV)/.bench-installed vllm-env  ## run every benchmark, write docs/BENCHMARKS.md (~20 min)
+bench: $(STAMP) $(VENV)/.bench-installed $(VENV)/.cluster-installed vllm-env  ## run every benchmark, write docs/BENCHMARKS.md (~24 min)
 	$(PY) -m bench.run
 
 $(VENV)/.bench-installed: pyproject.toml $(CONSTRAINTS) | $(STAMP)

@@ -7,9 +7,9 @@ import atexit
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
@@ -28,9 +28,12 @@ from gateway.backends.launcher import Launcher, ProcessLauncher
 from gateway.http import install_error_handlers
 from gateway.lifecycle.background import Background
 from gateway.lifecycle.supervisor import Supervisor
-from gateway.registry.config import key_sources
-from gateway.registry.load import LoadedRegistry
+from gateway.registry.config import GatewaySettings, ModelEntry, key_sources
+from gateway.registry.load import LoadedRegistry, require_cluster_for
 from gateway.reloader import Reloader
+
+if TYPE_CHECKING:
+    from gateway.backends.cluster.connect import RayCluster
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +45,17 @@ class Readiness:
         self.accepting = False
 
 
-def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> FastAPI:
+def create_app(
+    loaded: LoadedRegistry, *, launcher: Launcher | None = None, cluster: RayCluster | None = None
+) -> FastAPI:
+    """The gateway; with `cluster`, its models are deployed onto that Ray cluster."""
     registry = loaded.registry
     settings = registry.gateway
+    require_cluster_for(loaded, cluster is not None)
     keys = load_keys(settings.auth)  # fail at start, not at the first request
     run_dir = rundir.create()
+    if cluster is not None and launcher is None:
+        launcher = _ray_launcher(settings, lambda entry: supervisor.entry_idle_s(entry))
     if launcher is None:
         process_launcher = ProcessLauncher(
             run_dir,
@@ -57,7 +66,7 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
         )
         atexit.register(process_launcher.kill_all)  # a last resort if shutdown never ran
         launcher = process_launcher
-    supervisor = Supervisor(registry, launcher)
+    supervisor = Supervisor(registry, launcher, cluster=cluster is not None)
     reloader = Reloader(loaded, supervisor, keys)
     inference = Inference(supervisor)
     metrics = GatewayMetrics(supervisor)
@@ -94,6 +103,8 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
             await loops.settle(0.0)  # cancelled and awaited
             await reloads.settle(10.0)
             await supervisor.shutdown()
+            if cluster is not None:
+                await asyncio.to_thread(cluster.close)
             rundir.remove(run_dir)
             log.info("gateway stopped; every worker has exited")
 
@@ -126,6 +137,20 @@ def create_app(loaded: LoadedRegistry, *, launcher: Launcher | None = None) -> F
     app.add_middleware(LiveCORS, origins=lambda: reloader.settings().cors_origins)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: it sees every status
     return app
+
+
+def _ray_launcher(
+    settings: GatewaySettings, idle_s: Callable[[ModelEntry], float | None]
+) -> Launcher:
+    from gateway.backends.cluster.launcher import RayLauncher
+    from gateway.backends.cluster.replica import ReplicaSettings
+
+    replica = ReplicaSettings(
+        cache_dir=str(Path(settings.cache_dir).resolve()),
+        envs_dir=str(Path(settings.envs_dir).resolve()),
+        auto_build_envs=settings.auto_build_envs,
+    )
+    return RayLauncher(replica, idle_s)
 
 
 def _document_bodies(app: FastAPI) -> None:

@@ -43,6 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = _command(commands, "serve", "run the gateway", run_serve)
     serve.add_argument("--host", help="interface to bind (default: gateway.host, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default: gateway.port, 6006)")
+    serve.add_argument(
+        "--cluster",
+        metavar="ray[://ADDRESS]",
+        help=(
+            "serve the models on a Ray cluster: `ray` starts a local one, `ray:auto` or "
+            "`ray:HOST:PORT` joins one, `ray://HOST:PORT` through Ray Client "
+            "(default: gateway.cluster; unset: this machine alone)"
+        ),
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     _command(commands, "check", "validate the registry file", run_check)
@@ -268,11 +277,27 @@ def run_serve(args: argparse.Namespace) -> int:
     for warning in remote_code_warnings(loaded.registry.models):
         logging.getLogger("gateway").warning("%s", warning)
     settings = loaded.registry.gateway
+    address = args.cluster or settings.cluster
+    cluster = None
+    if address is not None:
+        from gateway.backends.cluster.connect import ClusterUnavailable, connect
+        from gateway.registry.config import GatewaySettings
+
+        try:
+            GatewaySettings(cluster=address)  # the same rule as models.yaml
+            cluster = connect(address)
+        except (ValueError, ClusterUnavailable) as exc:
+            print(f"llm-gateway: --cluster {address}: {exc}", file=sys.stderr)
+            return 2
     try:
-        app = create_app(loaded)
+        app = create_app(loaded, cluster=cluster)
     except RunDirTooLong as exc:
         print(f"llm-gateway: {exc}", file=sys.stderr)
         return 2
+    except BaseException:
+        if cluster is not None:
+            cluster.close()
+        raise
 
     def limits() -> tuple[float, int]:  # read per connection: a reload applies at once
         current = app.state.supervisor.registry.gateway

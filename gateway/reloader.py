@@ -19,7 +19,13 @@ from typing import Any, Literal
 from gateway.api.auth import Keys, KeySourceError, key_files, load_keys
 from gateway.lifecycle.supervisor import Supervisor
 from gateway.registry.config import GatewaySettings
-from gateway.registry.load import ConfigError, ConfigIssue, LoadedRegistry, load_registry
+from gateway.registry.load import (
+    ConfigError,
+    ConfigIssue,
+    LoadedRegistry,
+    load_registry,
+    require_cluster_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +52,7 @@ ON_RELOAD: dict[str, Literal["live", "restart"]] = {
     "header_timeout_s": "live",  # ConnectionGuard, per new connection
     "max_connections": "live",
     "playground": "live",  # read per request by the playground's routes
+    "cluster": "restart",  # the launcher is chosen at start
 }
 
 
@@ -109,6 +116,7 @@ class Reloader:
 
     def _read(self) -> tuple[LoadedRegistry, Keys]:
         fresh = load_registry(self.path)
+        require_cluster_for(fresh, self.supervisor.cluster)
         try:
             return fresh, load_keys(fresh.registry.gateway.auth)
         except KeySourceError as exc:

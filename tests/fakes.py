@@ -33,6 +33,7 @@ class FakeBackend:
         self.fake_upstream = FakeUpstream(name)
         self.upstream: Upstream = self.fake_upstream
         self.probe_path: str | None = "/health"
+        self.scales_itself = False
         self.runtime: dict[str, Any] = {"memory": {"weights_bytes": weights}}
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.stopped = False

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +42,11 @@ class Gateway:
         config: Path,
         env: dict[str, str] | None = None,
         preexec_fn: Callable[[], object] | None = None,
+        args: Sequence[str] = (),
+        healthy_within_s: float = 30.0,
     ) -> None:
         self.config = config
+        self.on_cluster = "--cluster" in args
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = config.parent / f"gateway-{self.port}.log"
@@ -58,6 +61,7 @@ class Gateway:
                 str(config),
                 "--port",
                 str(self.port),
+                *args,
             ],
             cwd=ROOT,
             stdout=self._log_file,
@@ -67,7 +71,7 @@ class Gateway:
         )
         self.client = httpx.Client(base_url=self.url, timeout=60.0)
         try:
-            self._wait_healthy()
+            self._wait_healthy(healthy_within_s)
         except BaseException:
             if self.process.poll() is None:
                 self.process.kill()

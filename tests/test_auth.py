@@ -18,7 +18,13 @@ ADMIN = "admin-key-456"
 
 @pytest.fixture(scope="module")
 def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    directory = tmp_path_factory.mktemp("auth")
+    config, env = auth_config(tiny_model, tmp_path_factory.mktemp("auth"))
+    with Gateway(config, env=env) as gw:
+        yield gw
+
+
+def auth_config(tiny_model: Path, directory: Path) -> tuple[Path, dict[str, str]]:
+    """The registry and environment of these tests (tests/test_cluster_front_door.py too)."""
     keys = directory / "admin-keys"
     keys.write_text(f"# admins\n{ADMIN}\n\n")
     config = write_config(
@@ -32,8 +38,7 @@ def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
           tiny: {{source: {tiny_model}}}
         """,
     )
-    with Gateway(config, env={"TEST_API_KEYS": f"other-key, {USER}"}) as gw:
-        yield gw
+    return config, {"TEST_API_KEYS": f"other-key, {USER}"}
 
 
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}

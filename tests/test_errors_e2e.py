@@ -31,8 +31,14 @@ TYPES = {
 
 @pytest.fixture(scope="module")
 def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    config = write_config(
-        tmp_path_factory.mktemp("errors"),
+    with Gateway(errors_config(tiny_model, tmp_path_factory.mktemp("errors"))) as gw:
+        yield gw
+
+
+def errors_config(tiny_model: Path, directory: Path) -> Path:
+    """The registry these tests run against (tests/test_cluster_front_door.py reuses it)."""
+    return write_config(
+        directory,
         f"""
         gateway:
           default_model: tiny
@@ -46,8 +52,6 @@ def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
             source: {tiny_model.parent / "missing"}
         """,
     )
-    with Gateway(config) as gw:
-        yield gw
 
 
 def check_envelope(response: httpx.Response, status: int) -> dict[str, Any]:
@@ -441,7 +445,12 @@ def test_after_all_of_that_the_gateway_is_healthy_and_serves(gateway: Gateway) -
     assert reply.json()["usage"]["completion_tokens"] == 3
     chat = gateway.post("/v1/chat/completions", chat_body(max_tokens=2))
     assert chat.json()["choices"][0]["finish_reason"] == "length"
-    assert len(gateway.workers()) == 1  # the tiny model's; the broken one left nothing behind
+    if gateway.on_cluster:  # tests/test_cluster_errors.py: workers run in Serve replicas
+        cards = gateway.models()
+        assert len(cards["tiny"]["runtime"]["cluster"]["replicas"]) == 1
+        assert cards["broken"]["runtime"] is None
+    else:
+        assert len(gateway.workers()) == 1  # the tiny model's; the broken one left nothing
 
 
 def test_no_client_mistake_caused_an_internal_error(gateway: Gateway) -> None:

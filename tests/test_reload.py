@@ -84,6 +84,7 @@ CHANGED: dict[str, object] = {
     "envs_dir": "other-envs",
     "cors_origins": ["https://new.example"],
     "auth": {"api_keys_env": "LLMGW_RELOAD_TEST_KEYS"},
+    "cluster": "ray:auto",
 }
 
 

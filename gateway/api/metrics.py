@@ -14,6 +14,7 @@ never becomes a label), `route` is the matched route template, never the raw pat
 from __future__ import annotations
 
 import time
+from collections import Counter as Tally
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -87,14 +88,24 @@ class SupervisorCollector:
         load = GaugeMetricFamily(
             "llmgw_model_load_seconds", "Duration of the model's latest load", labels=["model"]
         )
+        replicas = GaugeMetricFamily(
+            "llmgw_model_replicas",
+            "Replicas of the model on the Ray cluster, by actor state (cluster mode only)",
+            labels=["model", "state"],
+        )
         for runtime in runtimes:
+            cluster = runtime.backend.runtime.get("cluster") if runtime.backend else None
+            if cluster is not None:
+                counts = Tally(str(r["state"]) for r in cluster["replicas"])
+                for name in sorted({"ALIVE", *counts}):
+                    replicas.add_metric([runtime.name, name], counts.get(name, 0))
             for value in type(runtime.state):  # every state, so a dashboard sees the 0s too
                 state.add_metric([runtime.name, value.value], float(runtime.state == value))
             queued.add_metric([runtime.name], runtime.admission.waiting)
             running.add_metric([runtime.name], runtime.in_flight)
             if runtime.load_seconds is not None:
                 load.add_metric([runtime.name], runtime.load_seconds)
-        yield from (state, queued, running, load)
+        yield from (state, queued, running, load, replicas)
 
 
 class _Fixed:

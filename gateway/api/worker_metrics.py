@@ -101,8 +101,13 @@ class WorkerScraper:
 
 
 def _scrapable(runtime: ModelView) -> bool:
+    # A cluster model's /stats would come from whichever replica Serve picked: not shown.
+    backend = runtime.backend
     return (
-        runtime.state.value == READY and runtime.backend is not None and not runtime.entry.is_remote
+        runtime.state.value == READY
+        and backend is not None
+        and not backend.scales_itself
+        and not runtime.entry.is_remote
     )
 
 

@@ -46,12 +46,15 @@ class LoadFailed(Exception):
 
 class Backend(Protocol):
     """A started model. `exited` completes when it stops serving for good; `probe_path`
-    is its health probe (None: not probed, as a remote upstream is not ours to restart)."""
+    is its health probe (None: not probed, as a remote upstream is not ours to restart);
+    `scales_itself`: a cluster deployment, whose replicas come and go on their own (it is
+    never unloaded for being idle, and a lost replica is not the model's exit)."""
 
     upstream: Upstream
     runtime: dict[str, Any]
     pid: int | None
     probe_path: str | None
+    scales_itself: bool
 
     @property
     def exited(self) -> asyncio.Future[int]: ...
@@ -69,6 +72,7 @@ class Killable(Protocol):
 class RemoteBackend:
     pid: int | None = None
     probe_path: str | None = None
+    scales_itself = False
 
     def __init__(self, name: str, entry: ModelEntry) -> None:
         assert entry.upstream is not None
@@ -90,6 +94,8 @@ class RemoteBackend:
 
 
 class WorkerProcess:
+    scales_itself = False
+
     def __init__(self, name: str, process: asyncio.subprocess.Process, socket: str) -> None:
         self.name = name
         self.process = process

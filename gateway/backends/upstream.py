@@ -133,6 +133,18 @@ class Upstream:
         finally:
             await response.aclose()
 
+    @asynccontextmanager
+    async def exchange(
+        self, method: str, path: str, headers: list[tuple[str, str]], body: bytes
+    ) -> AsyncIterator[httpx.Response]:
+        """A raw exchange, its reply unread: a cluster replica relays it as it comes."""
+        request = self._client.build_request(method, path, headers=headers, content=body)
+        response = await self._client.send(request, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
     async def aclose(self) -> None:
         await self._client.aclose()
 

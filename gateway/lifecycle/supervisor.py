@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.backends.launcher import Backend, Launcher, LoadFailed
-from gateway.errors import ModelNotFound, ModelUnavailable, UpstreamFailed
+from gateway.errors import BadRequest, ModelNotFound, ModelUnavailable, UpstreamFailed
 from gateway.lifecycle import budget
 from gateway.lifecycle.admission import Admission
 from gateway.lifecycle.background import Background
@@ -77,8 +77,10 @@ class Supervisor:
         *,
         clock: Callable[[], float] = time.monotonic,
         events: EventBus | None = None,
+        cluster: bool = False,
     ) -> None:
         self.registry = registry
+        self.cluster = cluster  # the cluster places models: no budgets, no idle unloads here
         self.launcher = launcher
         self.clock = clock
         self.events = events or EventBus()
@@ -127,6 +129,12 @@ class Supervisor:
     @asynccontextmanager
     async def lease(self, name: str, keep_alive: float | None = None) -> AsyncIterator[Lease]:
         runtime = self.get(name)
+        if keep_alive is not None and self.cluster:
+            raise BadRequest(
+                "keep_alive is not taken on a cluster, where replicas scale on the model's "
+                "idle_unload_s; set that in models.yaml",
+                param="keep_alive",
+            )
         try:
             async with runtime.admission.permit():
                 backend = await self._ready(runtime)
@@ -137,7 +145,9 @@ class Supervisor:
                 except UpstreamFailed:
                     # The connection broke: if the process is going, let its exit be handled
                     # before this error is answered, so the next request starts a fresh worker.
-                    await asyncio.wait({backend.exited}, timeout=1.0)
+                    # (A cluster replica lost is not the model's exit: the others serve on.)
+                    if not backend.scales_itself:
+                        await asyncio.wait({backend.exited}, timeout=1.0)
                     raise
                 finally:
                     self._release(runtime, keep_alive)
@@ -237,7 +247,8 @@ class Supervisor:
         runtime.progress = None
         started = self.clock()
         try:
-            await self.residency.make_room(runtime, lambda m: self._on_progress(runtime, m))
+            if not self.cluster:
+                await self.residency.make_room(runtime, lambda m: self._on_progress(runtime, m))
             backend = await self.launcher.launch(
                 runtime.name, runtime.entry, lambda m: self._on_progress(runtime, m)
             )
@@ -263,7 +274,8 @@ class Supervisor:
         runtime.last_error = None
         runtime.progress = None
         memory = backend.runtime.get("memory")
-        runtime.footprint = budget.measured(runtime.entry, memory) or runtime.estimate
+        footprint = budget.measured(runtime.entry, memory) or runtime.estimate
+        runtime.footprint = {} if self.cluster else footprint  # a cluster holds its own
         self._set_state(runtime, State.READY)
         backend.exited.add_done_callback(lambda fut: self._on_exit(runtime, backend, fut))
         return backend
@@ -328,6 +340,8 @@ class Supervisor:
     def _expired(self, runtime: ModelRuntime) -> bool:
         if runtime.state != State.READY or runtime.in_flight or runtime.entry.pinned:
             return False
+        if runtime.backend is not None and runtime.backend.scales_itself:
+            return False  # its replicas scale to zero on the cluster's own clock
         ttl = self.idle_ttl(runtime)
         return ttl is not None and self.clock() - runtime.last_used_mono >= ttl
 
@@ -335,7 +349,12 @@ class Supervisor:
         """Seconds an idle model stays loaded; None = until evicted or unloaded."""
         ttl = runtime.keep_alive_s
         if ttl is None:
-            ttl = runtime.entry.idle_unload_s
+            return self.entry_idle_s(runtime.entry)
+        return None if ttl < 0 else ttl
+
+    def entry_idle_s(self, entry: ModelEntry) -> float | None:
+        """The idle time the registry gives a model (its own, else the gateway's)."""
+        ttl = entry.idle_unload_s
         if ttl is None:
             ttl = self.registry.gateway.idle_unload_s
         return None if ttl is None or ttl < 0 else ttl

@@ -15,6 +15,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -359,6 +360,37 @@ def max_memory_problem(max_memory: dict[str, int], devices: object) -> str | Non
     return None
 
 
+class Replicas(Strict):
+    """How many copies of a model a Ray cluster runs (`serve --cluster`; one machine runs one)."""
+
+    min: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        strict=True,
+        description=(
+            "Replicas kept while deployed. 0: the cluster scales the model to zero after its "
+            "idle_unload_s (never, when it has none) and back on the next request."
+        ),
+    )
+    max: int = Field(1, ge=1, le=1024, strict=True, description="The most replicas it scales to.")
+    target_ongoing_requests: float = Field(
+        2.0,
+        gt=0,
+        le=100_000,
+        description="Requests in flight per replica that the autoscaler aims for.",
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Replicas:
+        if self.min > self.max:
+            raise ValueError(f"replicas.min ({self.min}) exceeds replicas.max ({self.max})")
+        return self
+
+
+ResourceName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.:-]{0,99}$")]
+
+
 class ModelEntry(Strict):
     """One model: where its weights come from, how it loads, and how it serves."""
 
@@ -493,6 +525,16 @@ class ModelEntry(Strict):
             "reads when the weights are not downloaded."
         ),
     )
+    replicas: Replicas = Field(
+        Replicas(), description="Copies on a Ray cluster, and their autoscaling (cluster only)."
+    )
+    resources: dict[ResourceName, Annotated[float, Field(gt=0, le=1e9)]] = Field(
+        {},
+        description=(
+            "Custom Ray resources each replica needs, beyond the GPUs of `devices` and the "
+            "CPUs of `threads` (cluster only): a node label such as `{a100: 1}`."
+        ),
+    )
 
     @field_validator("max_memory")
     @classmethod
@@ -561,6 +603,11 @@ class ModelEntry(Strict):
                 "env.VLLM_API_KEY is --api-key: the gateway talks to its engine without a key "
                 "(put keys in gateway.auth)"
             )
+        if "RAY_AUTH_TOKEN" in self.env:
+            raise ValueError(
+                "env.RAY_AUTH_TOKEN is the cluster's secret: the gateway reads it from its own "
+                "environment or RAY_AUTH_TOKEN_PATH, never from models.yaml"
+            )
         if self.threads is not None and (self.engine != "transformers" or self.upstream):
             raise ValueError(
                 "`threads` is for the gateway's own worker; give an engine its threads "
@@ -594,6 +641,20 @@ class Auth(Strict):
         None,
         description="File of keys for /admin/*, one a line. Without admin keys, API keys open it.",
     )
+
+
+ClusterAddress = Annotated[
+    str,
+    StringConstraints(
+        pattern=r"^ray(:auto|:[A-Za-z0-9_.\[\]:-]{1,250}|://[A-Za-z0-9_.\[\]:-]{1,250})?$"
+    ),
+]
+
+
+def cluster_only_settings(entry: ModelEntry) -> list[str]:
+    """The settings of an entry that only a cluster applies."""
+    fields = ("replicas", "resources")
+    return [name for name in fields if name in entry.model_fields_set]
 
 
 class GatewaySettings(Strict):
@@ -661,6 +722,14 @@ class GatewaySettings(Strict):
     auth: Auth = Field(Auth(), description="Where API keys come from (never this file).")
     playground: bool = Field(
         True, description="Serve the web playground at /playground; false: 404."
+    )
+    cluster: ClusterAddress | None = Field(
+        None,
+        description=(
+            "Serve the models on a Ray cluster (`serve --cluster` overrides): `ray` starts a "
+            "local one; `ray:auto` or `ray:HOST:PORT` joins one by its GCS address; "
+            "`ray://HOST:PORT` goes through Ray Client. Unset: this machine alone."
+        ),
     )
 
     @field_validator("memory_budget")

@@ -15,7 +15,13 @@ from pydantic import ValidationError
 from adapters import ADAPTERS
 from gateway.registry import chat_templates, yaml_reader
 from gateway.registry import config_hints as hints
-from gateway.registry.config import MODEL_NAME, RESERVED_NAMES, Registry, key_sources
+from gateway.registry.config import (
+    MODEL_NAME,
+    RESERVED_NAMES,
+    Registry,
+    cluster_only_settings,
+    key_sources,
+)
 from gateway.registry.yaml_reader import clip
 
 MAX_MESSAGE = 500  # characters of one message or hint
@@ -322,3 +328,21 @@ def _line(node: yaml.Node | None, loc: tuple[str | int, ...]) -> int | None:
         else:
             return line
     return line
+
+
+def require_cluster_for(loaded: LoadedRegistry, cluster: bool) -> None:
+    """Off a cluster, settings only a cluster applies are refused, never silently unused."""
+    if cluster:
+        return
+    issues = [
+        ConfigIssue(
+            f"models.{name}.{field}",
+            f"`{field}` takes effect only on a Ray cluster",
+            "serve with --cluster (or gateway.cluster), or remove it",
+            loaded.line(("models", name, field)),
+        )
+        for name, entry in loaded.registry.models.items()
+        for field in cluster_only_settings(entry)
+    ]
+    if issues:
+        raise ConfigError(str(loaded.path), issues)

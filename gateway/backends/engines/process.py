@@ -56,6 +56,8 @@ async def exit_code(process: asyncio.subprocess.Process) -> int:
 class EngineProcess:
     """One started engine: its guard process, its upstream, its log tail."""
 
+    scales_itself = False
+
     def __init__(
         self,
         name: str,

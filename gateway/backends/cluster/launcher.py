@@ -1,0 +1,231 @@
+"""Models as Ray Serve deployments: `serve --cluster` swaps the launcher, nothing else.
+
+Each model is one Serve application, `llmgw-<model>`, deployed on its first request (as a
+worker is started on one machine) and deleted when the model is unloaded, changed or
+removed. Its replicas run on whichever nodes hold their resources
+(gateway/backends/cluster/resources.py) and scale between `replicas.min` and
+`replicas.max` on the requests in flight; with `min: 0` the cluster scales the model to
+zero after its idle time and starts a replica on the next request, so the cluster, not
+the gateway, does idle unloading (`Backend.scales_itself`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from typing import Any
+
+from gateway.backends.cluster.replica import ModelReplica, ReplicaSettings
+from gateway.backends.cluster.resources import actor_options, live_nodes, replica_resources, unfit
+from gateway.backends.cluster.transport import HandleTransport
+from gateway.backends.launcher import Backend, LoadFailed, Progress
+from gateway.backends.upstream import Upstream
+from gateway.registry.config import ModelEntry
+
+log = logging.getLogger(__name__)
+
+APP_PREFIX = "llmgw-"
+STATUS_INTERVAL_S = 1.0
+
+
+def app_name(model: str) -> str:
+    return APP_PREFIX + model
+
+
+def deployment_options(entry: ModelEntry, idle_s: float | None) -> dict[str, Any]:
+    """Serve options for a model: placement, replicas, autoscaling, backpressure."""
+    replicas = entry.replicas
+    floor = replicas.min if idle_s is not None and not entry.pinned else max(1, replicas.min)
+    autoscaling: dict[str, Any] = {
+        "min_replicas": floor,
+        "max_replicas": replicas.max,
+        "initial_replicas": max(1, floor),  # deployed for a request: one replica at once
+        "target_ongoing_requests": replicas.target_ongoing_requests,
+        "upscale_delay_s": 1.0,
+        "downscale_delay_s": 30.0 if idle_s is None else max(1.0, idle_s),
+    }
+    if idle_s is not None:
+        autoscaling["downscale_to_zero_delay_s"] = idle_s
+    limits = entry.limits
+    return {
+        "name": "model",
+        "ray_actor_options": actor_options(entry),
+        "autoscaling_config": autoscaling,
+        # A replica takes what its worker batches; the rest wait in the gateway's queue.
+        "max_ongoing_requests": limits.max_concurrency,
+        "max_queued_requests": limits.max_queue,
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 30.0,
+        "graceful_shutdown_timeout_s": 20.0,
+    }
+
+
+class ClusterBackend:
+    """A model's Serve application, seen as one backend by the supervisor."""
+
+    pid: int | None = None
+    probe_path: str | None = None  # Serve probes every replica (ModelReplica.check_health)
+    scales_itself = True
+
+    def __init__(self, name: str, handle: Any) -> None:
+        self.name = name
+        self.app = app_name(name)
+        self.replicas: dict[str, dict[str, Any]] = {}
+        self.upstream = Upstream(
+            "http://replica",
+            transport=HandleTransport(handle, self._served_by),
+            label=f"the replica of {name!r}",
+        )
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._served: dict[str, int] = {}
+        self.runtime: dict[str, Any] = {}
+        self._describe()
+        self._watch = asyncio.create_task(self._watch_status())
+
+    def _describe(self) -> None:
+        replicas = list(self.replicas.values())
+        running = sum(r["state"] == "ALIVE" for r in replicas)
+        self.runtime = {
+            "cluster": {"application": self.app, "replicas": replicas, "running": running}
+        }
+
+    @property
+    def exited(self) -> asyncio.Future[int]:
+        return self._exited
+
+    def _served_by(self, info: Any) -> None:
+        self._served[info.replica] = self._served.get(info.replica, 0) + 1
+
+    async def _watch_status(self) -> None:
+        """Keep the replica table fresh; the application vanishing is this backend's exit."""
+        while not self._exited.done():
+            try:
+                present, replicas = await asyncio.to_thread(_replicas_of, self.app)
+            except Exception:
+                log.exception("reading the replicas of %s failed", self.app)
+                present, replicas = True, list(self.replicas.values())
+            if not present:
+                self._exited.set_result(-1)
+                return
+            for replica in replicas:
+                replica["served"] = self._served.get(replica["replica"], 0)
+            self.replicas = {r["replica"]: r for r in replicas}
+            self._describe()
+            await asyncio.sleep(STATUS_INTERVAL_S)
+
+    async def stop(self, grace_s: float) -> None:
+        from ray import serve
+
+        self._watch.cancel()
+        try:
+            await asyncio.to_thread(serve.delete, self.app, _blocking=True)
+        finally:
+            if not self._exited.done():
+                self._exited.set_result(0)
+            await self.upstream.aclose()
+
+
+class RayLauncher:
+    """Deploys models onto the cluster the gateway joined (gateway/backends/cluster/connect.py)."""
+
+    def __init__(self, settings: ReplicaSettings, idle_s: Callable[[ModelEntry], float | None]):
+        self.settings = settings
+        self.idle_s = idle_s  # the model's idle time in force: the cluster scales on it
+
+    async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> Backend:
+        from ray import serve
+
+        needs = replica_resources(entry)
+        problem = unfit(needs, await asyncio.to_thread(live_nodes))
+        if problem:
+            raise LoadFailed("no_room", f"model {name!r} fits on no node: {problem}")
+        options = deployment_options(entry, self.idle_s(entry))
+        deployment = serve.deployment(**options)(ModelReplica)
+        app = deployment.bind(name, entry, self.settings)
+        on_progress({"event": "progress", "message": "deploying to the Ray cluster"})
+        deploy = asyncio.create_task(
+            asyncio.to_thread(serve.run, app, name=app_name(name), route_prefix=None)
+        )
+        status = ""
+        try:
+            while not deploy.done():
+                await asyncio.wait({deploy}, timeout=STATUS_INTERVAL_S)
+                status = await _deploy_status(name)
+                on_progress({"event": "progress", "message": _first_line(status)})
+            handle = deploy.result()
+        except asyncio.CancelledError:
+            await asyncio.to_thread(_delete_quietly, app_name(name))
+            raise
+        except Exception as exc:
+            status = await _deploy_status(name) or status
+            await asyncio.to_thread(_delete_quietly, app_name(name))
+            raise LoadFailed("launch", _replica_failure(name, status) or str(exc)) from exc
+        return ClusterBackend(name, handle)
+
+
+async def _deploy_status(name: str) -> str:
+    from ray import serve
+
+    try:
+        status = await asyncio.to_thread(serve.status)
+    except Exception as exc:
+        return f"deploying ({type(exc).__name__})"
+    app = status.applications.get(app_name(name))
+    if app is None:
+        return "deploying"
+    states = {
+        state: count for d in app.deployments.values() for state, count in d.replica_states.items()
+    }
+    shown = ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items()))
+    message = next((d.message for d in app.deployments.values() if d.message), "")
+    return f"replicas: {shown or 'none yet'}" + (f"; {message}" if message else "")
+
+
+def _first_line(text: str, limit: int = 300) -> str:
+    line = text.splitlines()[0] if text else ""
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def _replica_failure(name: str, status: str) -> str | None:
+    """What stopped the replicas from starting, from the traceback Serve reports: the
+    backend's own reason (the worker's LoadFailed) when it gave one."""
+    reasons: list[str] = re.findall(r"LoadFailed: (.+)$", status, flags=re.MULTILINE)
+    if reasons:
+        return reasons[-1].strip()
+    errors: list[str] = re.findall(r"^\w*(?:Error|Exception): (.+)$", status, flags=re.MULTILINE)
+    if errors:
+        return f"model {name!r}: its replicas failed to start: {errors[-1].strip()}"
+    return None
+
+
+def _replicas_of(app: str) -> tuple[bool, list[dict[str, Any]]]:
+    """Whether the application exists, and its live replicas with their nodes."""
+    from ray import serve
+    from ray._private import state
+
+    if app not in serve.status().applications:
+        return False, []
+    prefix = f"ServeReplica:{app}:"
+    replicas = []
+    for actor_id, actor in state.actors().items():
+        if actor.get("ActorClassName", "").startswith(prefix) and actor.get("State") != "DEAD":
+            replicas.append(
+                {
+                    "replica": actor_id,
+                    "node": actor.get("Address", {}).get("NodeID"),
+                    "state": actor.get("State"),
+                    "pid": actor.get("Pid"),
+                }
+            )
+    return True, replicas
+
+
+def _delete_quietly(app: str) -> None:
+    from ray import serve
+
+    try:
+        serve.delete(app, _blocking=True)
+    except Exception:
+        log.exception("deleting %s failed", app)

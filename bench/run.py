@@ -16,7 +16,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import cancel, coldstart, concurrency, defaults, engines, health, overhead, ttft
+from bench import (
+    cancel,
+    cluster,
+    coldstart,
+    concurrency,
+    defaults,
+    engines,
+    health,
+    overhead,
+    ttft,
+)
 from bench.common import MODEL_SHAPE, ROOT, machine_notes, peer_threads
 from bench.report import Section, finish
 
@@ -34,6 +44,7 @@ ORDER = [
     "coldstart",
     "cancel",
     "engines",
+    "cluster",
 ]
 
 
@@ -50,6 +61,7 @@ def benchmarks(quick: bool) -> dict[str, Callable[[], list[Section]]]:
         "coldstart": lambda: [coldstart.run(repeats=3)],
         "cancel": lambda: [cancel.run(cancels=int(20 * scale))],
         "engines": lambda: engines.run(seconds=6.0 * scale, rounds=int(30 * scale)),
+        "cluster": lambda: cluster.run(seconds=6.0 * scale, rounds=int(30 * scale), colds=2),
     }
 
 

@@ -34,6 +34,7 @@ from gateway.reloader import Reloader
 
 if TYPE_CHECKING:
     from gateway.backends.cluster.connect import RayCluster
+    from gateway.backends.cluster.launcher import RayLauncher
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,14 @@ def create_app(
     require_cluster_for(loaded, cluster is not None)
     keys = load_keys(settings.auth)  # fail at start, not at the first request
     run_dir = rundir.create()
+    ray_launcher: RayLauncher | None = None
     if cluster is not None and launcher is None:
-        launcher = _ray_launcher(settings, lambda entry: supervisor.entry_idle_s(entry))
+
+        def idle(entry: ModelEntry) -> float | None:
+            return supervisor.entry_idle_s(entry)  # the registry of the day
+
+        ray_launcher = _ray_launcher(settings, idle, local=cluster.started_here)
+        launcher = ray_launcher
     if launcher is None:
         process_launcher = ProcessLauncher(
             run_dir,
@@ -66,7 +73,7 @@ def create_app(
         )
         atexit.register(process_launcher.kill_all)  # a last resort if shutdown never ran
         launcher = process_launcher
-    supervisor = Supervisor(registry, launcher, cluster=cluster is not None)
+    supervisor: Supervisor = Supervisor(registry, launcher, cluster=cluster is not None)
     reloader = Reloader(loaded, supervisor, keys)
     inference = Inference(supervisor)
     metrics = GatewayMetrics(supervisor)
@@ -102,6 +109,8 @@ def create_app(
                 loop.remove_signal_handler(signal.SIGHUP)
             await loops.settle(0.0)  # cancelled and awaited
             await reloads.settle(10.0)
+            if ray_launcher is not None:
+                ray_launcher.close()
             await supervisor.shutdown()
             if cluster is not None:
                 await asyncio.to_thread(cluster.close)
@@ -140,8 +149,8 @@ def create_app(
 
 
 def _ray_launcher(
-    settings: GatewaySettings, idle_s: Callable[[ModelEntry], float | None]
-) -> Launcher:
+    settings: GatewaySettings, idle_s: Callable[[ModelEntry], float | None], *, local: bool
+) -> RayLauncher:
     from gateway.backends.cluster.launcher import RayLauncher
     from gateway.backends.cluster.replica import ReplicaSettings
 
@@ -150,7 +159,7 @@ def _ray_launcher(
         envs_dir=str(Path(settings.envs_dir).resolve()),
         auto_build_envs=settings.auto_build_envs,
     )
-    return RayLauncher(replica, idle_s)
+    return RayLauncher(replica, idle_s, local=local)
 
 
 def _document_bodies(app: FastAPI) -> None:

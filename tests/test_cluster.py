@@ -367,3 +367,31 @@ async def test_full_replica_queues_are_a_429_with_retry_after() -> None:
     assert caught.value.headers == {"Retry-After": "1"}
     assert "queue is full" in str(caught.value)
     await upstream.aclose()
+
+
+def test_sigterm_to_the_whole_process_group_stops_a_local_cluster_promptly(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """As systemd and `kill -- -PGID` do: Ray's own processes get the signal too, so the
+    gateway must not wait on a Ray that is already gone."""
+    config = write_config(
+        tmp_path,
+        f"""
+        models:
+          tiny: {{source: {tiny_model}, generation: {{max_new_tokens: 2}}}}
+        """,
+    )
+    with Gateway(
+        config, args=["--cluster", "ray"], healthy_within_s=90, preexec_fn=os.setsid
+    ) as gateway:
+        assert gateway.post("/tiny", {"prompt": "hi"}, timeout=180.0).status_code == 200
+        started = _descendants(gateway.process.pid)
+        began = time.monotonic()
+        os.killpg(gateway.process.pid, signal.SIGTERM)
+        try:
+            gateway.process.wait(timeout=40)
+        finally:
+            if gateway.process.poll() is None:
+                os.killpg(gateway.process.pid, signal.SIGKILL)
+        assert time.monotonic() - began < 30, gateway.log.read_text()[-2000:]
+    assert wait_until(lambda: not alive(started), timeout=30), alive(started)

@@ -45,6 +45,9 @@ def deployment_options(entry: ModelEntry, idle_s: float | None) -> dict[str, Any
         "target_ongoing_requests": replicas.target_ongoing_requests,
         "upscale_delay_s": 1.0,
         "downscale_delay_s": 30.0 if idle_s is None else max(1.0, idle_s),
+        # The load is averaged over this window before a downscale: Serve's 30 s default
+        # would add itself to a short idle time (it must exceed Serve's 10 s metric interval).
+        "look_back_period_s": 30.0 if idle_s is None else min(30.0, max(11.0, idle_s)),
     }
     if idle_s is not None:
         autoscaling["downscale_to_zero_delay_s"] = idle_s
@@ -69,8 +72,9 @@ class ClusterBackend:
     probe_path: str | None = None  # Serve probes every replica (ModelReplica.check_health)
     scales_itself = True
 
-    def __init__(self, name: str, handle: Any) -> None:
+    def __init__(self, name: str, handle: Any, launcher: RayLauncher) -> None:
         self.name = name
+        self.launcher = launcher
         self.app = app_name(name)
         self.replicas: dict[str, dict[str, Any]] = {}
         self.upstream = Upstream(
@@ -120,7 +124,8 @@ class ClusterBackend:
 
         self._watch.cancel()
         try:
-            await asyncio.to_thread(serve.delete, self.app, _blocking=True)
+            if not self.launcher.closing_with_ray:
+                await asyncio.to_thread(serve.delete, self.app, _blocking=True)
         finally:
             if not self._exited.done():
                 self._exited.set_result(0)
@@ -130,9 +135,23 @@ class ClusterBackend:
 class RayLauncher:
     """Deploys models onto the cluster the gateway joined (gateway/backends/cluster/connect.py)."""
 
-    def __init__(self, settings: ReplicaSettings, idle_s: Callable[[ModelEntry], float | None]):
+    def __init__(
+        self,
+        settings: ReplicaSettings,
+        idle_s: Callable[[ModelEntry], float | None],
+        *,
+        local: bool = False,
+    ) -> None:
         self.settings = settings
         self.idle_s = idle_s  # the model's idle time in force: the cluster scales on it
+        self.local = local  # a Ray this gateway started, and stops with every replica
+        self.closing_with_ray = False
+
+    def close(self) -> None:
+        """The gateway is stopping: a Ray of its own goes with every application in it, so
+        none is deleted one by one (a signal to the process group may have stopped Ray
+        already, and a delete would wait a minute for it)."""
+        self.closing_with_ray = self.local
 
     async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> Backend:
         from ray import serve
@@ -162,7 +181,7 @@ class RayLauncher:
             status = await _deploy_status(name) or status
             await asyncio.to_thread(_delete_quietly, app_name(name))
             raise LoadFailed("launch", _replica_failure(name, status) or str(exc)) from exc
-        return ClusterBackend(name, handle)
+        return ClusterBackend(name, handle, self)
 
 
 async def _deploy_status(name: str) -> str:

@@ -60,6 +60,11 @@ class HandleTransport(httpx.AsyncBaseTransport):
         except Exception as exc:
             items.cancel()
             raise httpx.ReadError(_why(exc)) from exc
+        except BaseException:
+            # The client left (or request_timeout_s passed) before the reply began: a
+            # dropped handle does not cancel, so the replica would generate to the end.
+            items.cancel()
+            raise
         if self._on_replica is not None:
             self._on_replica(replica)
         return httpx.Response(status, headers=reply_headers, stream=_Body(items), request=request)

@@ -61,7 +61,12 @@ def create_app(
         def idle(entry: ModelEntry) -> float | None:
             return supervisor.entry_idle_s(entry)  # the registry of the day
 
-        ray_launcher = _ray_launcher(settings, idle, local=cluster.started_here)
+        ray_launcher = _ray_launcher(
+            settings,
+            idle,
+            key_sources=lambda: key_sources(supervisor.registry),
+            local=cluster.started_here,
+        )
         launcher = ray_launcher
     if launcher is None:
         process_launcher = ProcessLauncher(
@@ -149,7 +154,11 @@ def create_app(
 
 
 def _ray_launcher(
-    settings: GatewaySettings, idle_s: Callable[[ModelEntry], float | None], *, local: bool
+    settings: GatewaySettings,
+    idle_s: Callable[[ModelEntry], float | None],
+    *,
+    key_sources: Callable[[], frozenset[str]],
+    local: bool,
 ) -> RayLauncher:
     from gateway.backends.cluster.launcher import RayLauncher
     from gateway.backends.cluster.replica import ReplicaSettings
@@ -159,7 +168,7 @@ def _ray_launcher(
         envs_dir=str(Path(settings.envs_dir).resolve()),
         auto_build_envs=settings.auto_build_envs,
     )
-    return RayLauncher(replica, idle_s, local=local)
+    return RayLauncher(replica, idle_s, key_sources=key_sources, local=local)
 
 
 def _document_bodies(app: FastAPI) -> None:

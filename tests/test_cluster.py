@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import Gateway, alive, wait_until, write_config
+from tests.support import Gateway, alive, wait_until, worker_pids, write_config
 
 pytestmark = [
     pytest.mark.cluster,
@@ -395,3 +395,69 @@ def test_sigterm_to_the_whole_process_group_stops_a_local_cluster_promptly(
                 os.killpg(gateway.process.pid, signal.SIGKILL)
         assert time.monotonic() - began < 30, gateway.log.read_text()[-2000:]
     assert wait_until(lambda: not alive(started), timeout=30), alive(started)
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_client_that_leaves_before_the_reply_stops_the_replicas_worker(
+    cluster: Nodes, tmp_path: Path
+) -> None:
+    """A non-streamed reply begins only when generation ends: a client hanging up before
+    then must cancel the replica's relay, so its worker stops generating."""
+    from gateway.worker.tiny import build
+
+    slow = build(tmp_path / "slow", seed=0, layers=8, hidden=384)  # greedy: never an early EOS
+    config = write_config(
+        tmp_path,
+        f"""
+        models:
+          slow: {{source: {slow}, limits: {{max_new_tokens: 1000}}}}
+        """,
+    )
+    with Gateway(config, args=["--cluster", f"ray:{cluster.address}"], healthy_within_s=90) as gw:
+        gw.client.timeout = httpx.Timeout(180.0)
+        assert chat(gw, "slow").status_code == 200
+        assert wait_until(lambda: len(replicas(gw, "slow")) == 1, timeout=10)
+        (worker,) = worker_pids(replicas(gw, "slow")[0]["pid"])
+        with pytest.raises(httpx.ReadTimeout):
+            gw.post(
+                "/v1/chat/completions", {"model": "slow", **CHAT, "max_tokens": 1000}, timeout=1.5
+            )
+        time.sleep(1.0)
+        spent = _cpu_seconds(worker)
+        time.sleep(2.0)
+        assert _cpu_seconds(worker) - spent < 0.3  # idle: the request was aborted
+
+
+def test_a_replicas_worker_never_sees_the_gateways_keys(tiny_model: Path, tmp_path: Path) -> None:
+    """The local Ray inherits the gateway's environment, key sources included; the worker
+    a replica starts (which may run a model's own code) gets none of them."""
+    secret = f"cluster-secret-{os.getpid()}"
+    config = write_config(
+        tmp_path,
+        f"""
+        gateway: {{auth: {{api_keys_env: LLMGW_TEST_TOKENS}}}}
+        models:
+          tiny: {{source: {tiny_model}, generation: {{max_new_tokens: 2}}}}
+        """,
+    )
+    env = {"LLMGW_TEST_TOKENS": secret}  # an LLMGW_ name: passed to workers unless a key source
+    with Gateway(config, env=env, args=["--cluster", "ray"], healthy_within_s=90) as gateway:
+        reply = gateway.post(
+            "/tiny", {"prompt": "hi"}, headers={"Authorization": f"Bearer {secret}"}
+        )
+        assert reply.status_code == 200, reply.text
+        workers = [pid for pid in _descendants(gateway.process.pid) if _is_worker(pid)]
+        assert workers, "the replica's worker runs under the local Ray"
+        for pid in workers:
+            assert secret.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+
+
+def _is_worker(pid: int) -> bool:
+    try:
+        return b"gateway.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False

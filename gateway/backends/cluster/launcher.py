@@ -12,9 +12,10 @@ the gateway, does idle unloading (`Backend.scales_itself`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from gateway.backends.cluster.replica import ModelReplica, ReplicaSettings
@@ -140,9 +141,11 @@ class RayLauncher:
         settings: ReplicaSettings,
         idle_s: Callable[[ModelEntry], float | None],
         *,
+        key_sources: Callable[[], Iterable[str]] = tuple,
         local: bool = False,
     ) -> None:
         self.settings = settings
+        self.key_sources = key_sources  # read at each deploy: a reload may name new ones
         self.idle_s = idle_s  # the model's idle time in force: the cluster scales on it
         self.local = local  # a Ray this gateway started, and stops with every replica
         self.closing_with_ray = False
@@ -162,7 +165,8 @@ class RayLauncher:
             raise LoadFailed("no_room", f"model {name!r} fits on no node: {problem}")
         options = deployment_options(entry, self.idle_s(entry))
         deployment = serve.deployment(**options)(ModelReplica)
-        app = deployment.bind(name, entry, self.settings)
+        settings = dataclasses.replace(self.settings, secrets=tuple(sorted(self.key_sources())))
+        app = deployment.bind(name, entry, settings)
         on_progress({"event": "progress", "message": "deploying to the Ray cluster"})
         deploy = asyncio.create_task(
             asyncio.to_thread(serve.run, app, name=app_name(name), route_prefix=None)

@@ -36,6 +36,7 @@ class ReplicaSettings:
     cache_dir: str
     envs_dir: str
     auto_build_envs: bool
+    secrets: tuple[str, ...] = ()  # the registry's key sources: never in a worker's env
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class ModelReplica:
             self.run_dir,
             Path(settings.cache_dir),
             Path(settings.envs_dir),
-            key_sources=frozenset,
+            key_sources=lambda: settings.secrets,
             auto_build_envs=settings.auto_build_envs,
         )
         self.backend: Backend = await self.launcher.launch(name, entry, self._progress)

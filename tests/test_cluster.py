@@ -208,6 +208,23 @@ def test_metrics_count_the_replicas(front: Gateway) -> None:
     assert 'llmgw_model_replicas{model="pair",state="ALIVE"} 2.0' in text
 
 
+def test_a_replica_whose_worker_dies_is_replaced_at_once_not_after_its_health_check(
+    front: Gateway,
+) -> None:
+    """The worker gone, its replica can serve nothing: it ends itself, so Serve routes the
+    next requests to a fresh replica instead of failing them until a health check."""
+    assert chat(front, "on-a").status_code == 200
+    assert wait_until(lambda: len(replicas(front, "on-a")) == 1, timeout=10)
+    (replica,) = replicas(front, "on-a")
+    (worker,) = worker_pids(replica["pid"])
+    os.kill(worker, signal.SIGKILL)
+    time.sleep(2.0)
+    reply = chat(front, "on-a")
+    assert reply.status_code == 200, reply.text
+    assert wait_until(lambda: [r["pid"] for r in replicas(front, "on-a")] != [replica["pid"]])
+    assert front.models()["on-a"]["state"] == "ready"
+
+
 def test_hot_reload_adds_and_removes_deployments_and_leaves_the_others(
     front: Gateway, tiny_model: Path
 ) -> None:

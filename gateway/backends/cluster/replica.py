@@ -79,6 +79,18 @@ class ModelReplica:
         )
         self.backend: Backend = await self.launcher.launch(name, entry, self._progress)
         self.name = name
+        self._stopping = False
+        self._end_with_backend = asyncio.create_task(self._exit_when_backend_exits())
+
+    async def _exit_when_backend_exits(self) -> None:
+        """A backend gone unasked leaves a replica that can serve nothing: it ends at once,
+        so Serve routes around it and starts another (a health check takes up to 10 s)."""
+        code = await self.backend.exited
+        if self._stopping:
+            return
+        log.error("the backend of %r exited (code %s): ending this replica", self.name, code)
+        rundir.remove(self.run_dir)
+        os._exit(1)
 
     def _progress(self, message: dict[str, Any]) -> None:
         log.info("loading: %s", message.get("message") or message)
@@ -102,6 +114,7 @@ class ModelReplica:
             await self.backend.upstream.check(self.backend.probe_path, timeout=10.0)
 
     async def __del__(self) -> None:
+        self._stopping = True
         try:
             await asyncio.wait_for(self.backend.stop(5.0), 15.0)
         finally:

@@ -57,5 +57,5 @@ def live_nodes() -> list[dict[str, float]]:
     """The total resources of every live node."""
     import ray
 
-    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    nodes: list[dict[str, Any]] = ray.nodes()
     return [dict(node["Resources"]) for node in nodes if node.get("Alive")]

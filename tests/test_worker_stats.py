@@ -137,7 +137,7 @@ def runtime(name: str, upstream: FakeUpstream, pid: int = 1) -> Any:
         name=name,
         entry=entry,
         state=Lifecycle.READY,
-        backend=SimpleNamespace(pid=pid, upstream=upstream),
+        backend=SimpleNamespace(pid=pid, upstream=upstream, scales_itself=False),
         admission=Admission(name, entry.limits),
         in_flight=0,
         load_seconds=None,
@@ -197,7 +197,7 @@ def test_a_new_worker_never_shows_its_predecessors_numbers() -> None:
         ]
         == 99
     )
-    model.backend = SimpleNamespace(pid=11, upstream=FakeUpstream(None))
+    model.backend = SimpleNamespace(pid=11, upstream=FakeUpstream(None), scales_itself=False)
     samples = render(asyncio.run(scraper.scrape()))
     assert ("llmgw_generated_tokens_total", frozenset({("model", "m")})) not in samples
     assert samples[("llmgw_worker_stats_up", frozenset({("model", "m")}))] == 0

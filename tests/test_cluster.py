@@ -55,6 +55,9 @@ def cluster() -> Iterator[Nodes]:
     import ray
 
     temp = Path("/tmp") / f"llmgw-test-ray-{os.getpid()}"  # Ray's socket paths must stay short
+    # Cluster() records the head's address in Ray's default temp dir whatever the head's own
+    # is, and fails where that dir does not exist yet (a fresh machine).
+    Path(ray._common.utils.get_default_ray_temp_dir()).mkdir(parents=True, exist_ok=True)
     nodes = ray_cluster_utils.Cluster(
         initialize_head=True,
         head_node_args={
@@ -256,6 +259,50 @@ def _applications() -> dict[str, Any]:
     from ray import serve
 
     return dict(serve.status().applications)
+
+
+def test_a_changed_entry_rolls_its_replicas_over_while_they_serve(front: Gateway) -> None:
+    """A reload that changes a running model redeploys it in place: Serve replaces its
+    replicas a few at a time, and no request waits for a cold start or fails."""
+    assert wait_until(lambda: len(replicas(front, "pair")) == 2, timeout=60)
+    before = {r["replica"] for r in replicas(front, "pair")}
+    results: list[tuple[int, int | None]] = []
+    states: set[str] = set()
+    stop = threading.Event()
+
+    def client() -> None:
+        body = {"model": "pair", "messages": CHAT["messages"]}  # the entry's default length
+        with httpx.Client(base_url=front.url, timeout=180.0) as session:
+            while not stop.is_set():
+                reply = session.post("/v1/chat/completions", json=body)
+                tokens = reply.json()["usage"]["completion_tokens"] if reply.is_success else None
+                results.append((reply.status_code, tokens))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)
+    front.config.write_text(
+        front.config.read_text().replace("max_new_tokens: 8", "max_new_tokens: 6")
+    )
+    report = front.client.post("/admin/reload").json()
+    assert report["changed"] == ["pair"], report
+
+    def rolled_over() -> bool:
+        card = front.models()["pair"]
+        states.add(card["state"])
+        now = {r["replica"] for r in replicas(front, "pair") if r["state"] == "ALIVE"}
+        return card["progress"] is None and len(now) == 2 and not now & before
+
+    assert wait_until(rolled_over, timeout=180, interval=0.5), front.models()["pair"]
+    time.sleep(1)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert states == {"ready"}  # never drained, unloaded or started again
+    assert {status for status, _ in results} == {200}, results
+    assert results[-1][1] == 6  # the new entry
+    assert chat(front, "pair").status_code == 200
 
 
 def test_a_killed_node_fails_only_the_requests_it_held_and_the_model_comes_back(

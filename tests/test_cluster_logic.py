@@ -14,11 +14,12 @@ from gateway.backends.cluster.connect import ray_address
 from gateway.backends.cluster.launcher import _replica_failure, deployment_options
 from gateway.backends.cluster.replica import on_gpus
 from gateway.backends.cluster.resources import actor_options, replica_resources, unfit
-from gateway.errors import BadRequest
+from gateway.backends.launcher import LoadFailed, Progress
+from gateway.errors import BadRequest, ModelUnavailable
 from gateway.lifecycle.supervisor import Supervisor
 from gateway.registry.config import GatewaySettings, ModelEntry
 from gateway.registry.load import ConfigError, load_registry, parse_registry, require_cluster_for
-from tests.fakes import Clock, FakeLauncher
+from tests.fakes import Clock, FakeBackend, FakeLauncher
 
 
 def entry(**fields: object) -> ModelEntry:
@@ -215,3 +216,113 @@ def test_serve_without_a_cluster_refuses_the_cluster_settings(
 def test_the_clusters_token_is_never_taken_from_models_yaml() -> None:
     with pytest.raises(ValueError, match="RAY_AUTH_TOKEN"):
         entry(env={"RAY_AUTH_TOKEN": "secret"})
+
+
+class RollingBackend(FakeBackend):
+    """A cluster deployment's seam: `update` rolls its replicas over to a new entry."""
+
+    def __init__(self, name: str, pid: int) -> None:
+        super().__init__(name, pid, weights=100)
+        self.scales_itself = True
+        self.entries: list[ModelEntry] = []
+        self.rolled = asyncio.Event()  # set to let an update finish
+        self.refuse: LoadFailed | None = None
+
+    async def update(self, entry: ModelEntry, on_progress: Progress) -> None:
+        self.entries.append(entry)
+        on_progress({"event": "progress", "message": "replicas: 1 running, 1 starting"})
+        await self.rolled.wait()
+        if self.refuse is not None:
+            raise self.refuse
+
+
+class RollingLauncher(FakeLauncher):
+    async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> FakeBackend:
+        self.launches.append(name)
+        backend = RollingBackend(name, 1000 + len(self.launches))
+        self.backends[name] = backend
+        return backend
+
+
+CLUSTER_TEXT = """
+models:
+  m: {source: /m, generation: {max_new_tokens: 4}}
+  other: {source: /o}
+"""
+
+
+async def _deployed(text: str = CLUSTER_TEXT) -> tuple[Supervisor, RollingLauncher]:
+    launcher = RollingLauncher()
+    supervisor = Supervisor(parse_registry(text), launcher, cluster=True)
+    async with supervisor.lease("m"):
+        pass
+    return supervisor, launcher
+
+
+async def test_on_a_cluster_a_changed_entry_rolls_its_replicas_while_they_serve() -> None:
+    supervisor, launcher = await _deployed()
+    backend = launcher.backends["m"]
+    assert isinstance(backend, RollingBackend)
+    report = supervisor.apply(parse_registry(CLUSTER_TEXT.replace("4}", "6}")))
+    assert report.changed == ["m"] and report.unchanged == ["other"]
+    await asyncio.sleep(0.01)
+    runtime = supervisor.models["m"]
+    assert backend.entries == [runtime.entry]  # the new entry, handed to the deployment
+    assert runtime.entry.generation.max_new_tokens == 6
+    assert runtime.state.value == "ready" and runtime.progress is not None
+    async with supervisor.lease("m") as lease:  # served by the old replicas meanwhile
+        assert lease.upstream is backend.upstream
+    backend.rolled.set()
+    await asyncio.sleep(0.01)
+    assert runtime.progress is None and runtime.update_task is None
+    assert launcher.launches == ["m"] and not backend.stopped  # never stopped or redeployed
+
+
+async def test_on_a_cluster_a_failed_update_takes_the_model_out_with_its_reason() -> None:
+    supervisor, launcher = await _deployed()
+    backend = launcher.backends["m"]
+    assert isinstance(backend, RollingBackend)
+    backend.refuse = LoadFailed("launch", "model 'm': the path /n does not exist")
+    supervisor.apply(parse_registry(CLUSTER_TEXT.replace("/m", "/n")))
+    backend.rolled.set()
+    await asyncio.sleep(0.01)
+    runtime = supervisor.models["m"]
+    assert runtime.state.value == "failed" and runtime.backend is None
+    assert runtime.last_error == "model 'm': the path /n does not exist"
+    assert backend.stopped and runtime.crashes == []  # taken out, not counted as a crash
+    with pytest.raises(ModelUnavailable) as caught:
+        async with supervisor.lease("m"):
+            pass
+    assert "/n does not exist" in caught.value.message
+
+
+async def test_on_a_cluster_a_second_change_supersedes_an_update_and_an_unload_wins() -> None:
+    supervisor, launcher = await _deployed()
+    backend = launcher.backends["m"]
+    assert isinstance(backend, RollingBackend)
+    supervisor.apply(parse_registry(CLUSTER_TEXT.replace("4}", "5}")))
+    await asyncio.sleep(0.01)
+    first = supervisor.models["m"].update_task
+    supervisor.apply(parse_registry(CLUSTER_TEXT.replace("4}", "6}")))
+    await asyncio.sleep(0.01)
+    assert first is not None and first.cancelled()
+    assert [e.generation.max_new_tokens for e in backend.entries] == [5, 6]
+    await supervisor.unload("m")
+    backend.refuse = LoadFailed("launch", "its application is gone")  # deleted under it
+    backend.rolled.set()
+    await asyncio.sleep(0.01)
+    runtime = supervisor.models["m"]
+    assert runtime.state.value == "unloaded" and runtime.last_error is None
+    assert backend.stopped
+
+
+async def test_off_a_cluster_a_changed_entry_restarts_its_worker() -> None:
+    launcher = FakeLauncher()
+    supervisor = Supervisor(parse_registry(CLUSTER_TEXT), launcher)
+    async with supervisor.lease("m"):
+        pass
+    supervisor.apply(parse_registry(CLUSTER_TEXT.replace("4}", "6}")))
+    async with supervisor.lease("m"):
+        pass
+    assert launcher.launches == ["m", "m"]
+    assert launcher.backends["m"].stopped is False  # the new one

@@ -20,7 +20,7 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import gateway
 from gateway.backends import rundir, threads
@@ -59,6 +59,14 @@ class Backend(Protocol):
     @property
     def exited(self) -> asyncio.Future[int]: ...
     async def stop(self, grace_s: float) -> None: ...
+
+
+@runtime_checkable
+class UpdatesInPlace(Backend, Protocol):
+    """A backend that takes a changed entry without stopping (a cluster deployment, whose
+    replicas roll over): requests keep being served while it updates."""
+
+    async def update(self, entry: ModelEntry, on_progress: Progress) -> None: ...
 
 
 class Launcher(Protocol):

@@ -31,6 +31,7 @@ class ModelRuntime:
     backend: Backend | None = None
     start_task: asyncio.Task[Backend] | None = None
     stop_task: asyncio.Task[None] | None = None
+    update_task: asyncio.Task[None] | None = None  # a cluster model's rolling update
     in_flight: int = 0
     last_used: float | None = None  # wall clock, for display
     last_used_mono: float = 0.0

@@ -9,6 +9,8 @@ State table (one `ModelRuntime` per registry entry):
     starting   must wait for busy models, times out   unloaded   503 with Retry-After
     ready      idle past keep-alive / evicted         draining   only when nothing is in flight
     ready      admin unload, entry changed or removed draining   waits for in-flight requests
+    ready      entry changed, on a cluster            ready      replicas roll over in place;
+                                                                 a failed update: failed
     ready      worker exits unexpectedly              unloaded   in-flight requests get 502;
                                                                  the next starts a fresh worker
     draining   in-flight requests done                unloaded   worker stopped, memory returned
@@ -39,7 +41,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.backends.launcher import Backend, Launcher, LoadFailed
+from gateway.backends.launcher import Backend, Launcher, LoadFailed, UpdatesInPlace
 from gateway.errors import BadRequest, ModelNotFound, ModelUnavailable, UpstreamFailed
 from gateway.lifecycle import budget
 from gateway.lifecycle.admission import Admission
@@ -405,10 +407,66 @@ class Supervisor:
         runtime.retry_at = 0.0  # a new entry deserves a fresh try
         if runtime.state == State.FAILED:
             self._set_state(runtime, State.UNLOADED)
+        backend = runtime.backend
+        if (
+            runtime.state == State.READY
+            and runtime.stop_task is None
+            and isinstance(backend, UpdatesInPlace)
+        ):
+            self._update_in_place(runtime, backend)
+            return runtime
         if runtime.backend is not None or runtime.start_task is not None:
             # New requests wait for this drain (stop_task), then start the new entry.
             self.stopper.stopping(runtime)
         return runtime
+
+    def _update_in_place(self, runtime: ModelRuntime, backend: UpdatesInPlace) -> None:
+        """Roll a cluster model's replicas over to its new entry while the old ones serve."""
+        if runtime.update_task is not None:
+            runtime.update_task.cancel()  # superseded: Serve rolls over to the latest entry
+        task = self._background.spawn(
+            self._update(runtime, backend, runtime.entry), f"update {runtime.name} in place"
+        )
+        runtime.update_task = task
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if runtime.update_task is done:
+                runtime.update_task = None
+
+        task.add_done_callback(forget)
+
+    async def _update(
+        self, runtime: ModelRuntime, backend: UpdatesInPlace, entry: ModelEntry
+    ) -> None:
+        def current() -> bool:
+            return (
+                runtime.backend is backend
+                and runtime.entry is entry
+                and runtime.state == State.READY
+                and self.models.get(runtime.name) is runtime
+            )
+
+        try:
+            await backend.update(entry, lambda m: self._on_progress(runtime, m))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not current():
+                return  # unloaded, removed or changed again meanwhile
+            failure = (
+                exc
+                if isinstance(exc, LoadFailed)
+                else LoadFailed("launch", f"{type(exc).__name__}: {exc}")
+            )
+            stopped = runtime.backend
+            runtime.backend = None  # the model is out of service: not an unexpected exit
+            self._fail(runtime, failure)
+            if stopped is not None:
+                await stopped.stop(1.0)
+            return
+        if current():
+            runtime.progress = None
+            self.events.publish({"type": "updated", "model": runtime.name})
 
     def _retire(self, runtime: ModelRuntime) -> None:
         self._retiring.add(runtime)

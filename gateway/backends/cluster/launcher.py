@@ -1,12 +1,12 @@
 """Models as Ray Serve deployments: `serve --cluster` swaps the launcher, nothing else.
 
 Each model is one Serve application, `llmgw-<model>`, deployed on its first request (as a
-worker is started on one machine) and deleted when the model is unloaded, changed or
-removed. Its replicas run on whichever nodes hold their resources
-(gateway/backends/cluster/resources.py) and scale between `replicas.min` and
-`replicas.max` on the requests in flight; with `min: 0` the cluster scales the model to
-zero after its idle time and starts a replica on the next request, so the cluster, not
-the gateway, does idle unloading (`Backend.scales_itself`).
+worker is started on one machine), updated in place when its entry changes (Serve rolls its
+replicas over) and deleted when the model is unloaded or removed. Its replicas run on
+whichever nodes hold their resources (gateway/backends/cluster/resources.py) and scale
+between `replicas.min` and `replicas.max` on the requests in flight; with `min: 0` the
+cluster scales the model to zero after its idle time and starts a replica on the next
+request, so the cluster, not the gateway, does idle unloading (`Backend.scales_itself`).
 """
 
 from __future__ import annotations
@@ -85,6 +85,7 @@ class ClusterBackend:
         )
         self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._served: dict[str, int] = {}
+        self._submitting = asyncio.Lock()
         self.runtime: dict[str, Any] = {}
         self._describe()
         self._watch = asyncio.create_task(self._watch_status())
@@ -120,13 +121,20 @@ class ClusterBackend:
             self._describe()
             await asyncio.sleep(STATUS_INTERVAL_S)
 
+    async def update(self, entry: ModelEntry, on_progress: Progress) -> None:
+        """Roll the replicas over to a changed entry; the application and handle stay."""
+        async with self._submitting:
+            await self.launcher.submit(self.name, entry, on_progress, fresh=False)
+        await self.launcher.until_running(self.name, on_progress)
+
     async def stop(self, grace_s: float) -> None:
         from ray import serve
 
         self._watch.cancel()
         try:
-            if not self.launcher.closing_with_ray:
-                await asyncio.to_thread(serve.delete, self.app, _blocking=True)
+            async with self._submitting:  # an update being handed to Serve is deleted too
+                if not self.launcher.closing_with_ray:
+                    await asyncio.to_thread(serve.delete, self.app, _blocking=True)
         finally:
             if not self._exited.done():
                 self._exited.set_result(0)
@@ -157,6 +165,20 @@ class RayLauncher:
         self.closing_with_ray = self.local
 
     async def launch(self, name: str, entry: ModelEntry, on_progress: Progress) -> Backend:
+        handle = await self.submit(name, entry, on_progress, fresh=True)
+        try:
+            await self.until_running(name, on_progress)
+        except BaseException:
+            await asyncio.to_thread(_delete_quietly, app_name(name))
+            raise
+        return ClusterBackend(name, handle, self)
+
+    async def submit(
+        self, name: str, entry: ModelEntry, on_progress: Progress, *, fresh: bool
+    ) -> Any:
+        """Hand the model's application to Serve and return its handle, without waiting for
+        its replicas. Resubmitting a running application is Serve's rolling update: replicas
+        of the new entry start as the old ones stop, a few at a time."""
         from ray import serve
 
         needs = replica_resources(entry)
@@ -167,43 +189,54 @@ class RayLauncher:
         deployment = serve.deployment(**options)(ModelReplica)
         settings = dataclasses.replace(self.settings, secrets=tuple(sorted(self.key_sources())))
         app = deployment.bind(name, entry, settings)
-        on_progress({"event": "progress", "message": "deploying to the Ray cluster"})
-        deploy = asyncio.create_task(
-            asyncio.to_thread(serve.run, app, name=app_name(name), route_prefix=None)
+        verb = "deploying to" if fresh else "updating its replicas on"
+        on_progress({"event": "progress", "message": f"{verb} the Ray cluster"})
+        # Serve's own non-blocking run (serve.run would also wait for the replicas): once
+        # it returns, the controller holds the application, so a delete cannot precede it.
+        submitting = asyncio.ensure_future(
+            asyncio.to_thread(
+                serve._run, app, _blocking=False, name=app_name(name), route_prefix=None
+            )
         )
-        status = ""
         try:
-            while not deploy.done():
-                await asyncio.wait({deploy}, timeout=STATUS_INTERVAL_S)
-                status = await _deploy_status(name)
-                on_progress({"event": "progress", "message": _first_line(status)})
-            handle = deploy.result()
+            return await asyncio.shield(submitting)
         except asyncio.CancelledError:
-            await asyncio.to_thread(_delete_quietly, app_name(name))
+            await asyncio.wait({submitting})
             raise
-        except Exception as exc:
-            status = await _deploy_status(name) or status
-            await asyncio.to_thread(_delete_quietly, app_name(name))
-            raise LoadFailed("launch", _replica_failure(name, status) or str(exc)) from exc
-        return ClusterBackend(name, handle, self)
+
+    async def until_running(self, name: str, on_progress: Progress) -> None:
+        """Wait for the application to run, reporting its replicas; LoadFailed if it fails."""
+        while True:
+            state, status = await _deploy_status(name)
+            on_progress({"event": "progress", "message": _first_line(status)})
+            if state == "RUNNING":
+                return
+            if state in ("DEPLOY_FAILED", "DELETING", None):
+                why = _replica_failure(name, status) or f"model {name!r}: {_first_line(status)}"
+                raise LoadFailed("launch", why)
+            await asyncio.sleep(STATUS_INTERVAL_S)
 
 
-async def _deploy_status(name: str) -> str:
+async def _deploy_status(name: str) -> tuple[str | None, str]:
+    """The application's state (None: gone) and a line on its replicas, with Serve's
+    message (the traceback of a replica that failed to start)."""
     from ray import serve
 
     try:
         status = await asyncio.to_thread(serve.status)
     except Exception as exc:
-        return f"deploying ({type(exc).__name__})"
+        return "UNKNOWN", f"deploying ({type(exc).__name__})"
     app = status.applications.get(app_name(name))
     if app is None:
-        return "deploying"
+        return None, "its application is gone from the cluster"
     states = {
         state: count for d in app.deployments.values() for state, count in d.replica_states.items()
     }
     shown = ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items()))
-    message = next((d.message for d in app.deployments.values() if d.message), "")
-    return f"replicas: {shown or 'none yet'}" + (f"; {message}" if message else "")
+    message = next((d.message for d in app.deployments.values() if d.message), app.message)
+    return str(getattr(app.status, "value", app.status)), f"replicas: {shown or 'none yet'}" + (
+        f"; {message}" if message else ""
+    )
 
 
 def _first_line(text: str, limit: int = 300) -> str:

@@ -448,8 +448,6 @@ class Supervisor:
 
         try:
             await backend.update(entry, lambda m: self._on_progress(runtime, m))
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:
             if not current():
                 return  # unloaded, removed or changed again meanwhile
@@ -458,11 +456,9 @@ class Supervisor:
                 if isinstance(exc, LoadFailed)
                 else LoadFailed("launch", f"{type(exc).__name__}: {exc}")
             )
-            stopped = runtime.backend
             runtime.backend = None  # the model is out of service: not an unexpected exit
             self._fail(runtime, failure)
-            if stopped is not None:
-                await stopped.stop(1.0)
+            await backend.stop(1.0)
             return
         if current():
             runtime.progress = None

@@ -234,9 +234,8 @@ async def _deploy_status(name: str) -> tuple[str | None, str]:
     }
     shown = ", ".join(f"{count} {state.lower()}" for state, count in sorted(states.items()))
     message = next((d.message for d in app.deployments.values() if d.message), app.message)
-    return str(getattr(app.status, "value", app.status)), f"replicas: {shown or 'none yet'}" + (
-        f"; {message}" if message else ""
-    )
+    line = f"replicas: {shown or 'none yet'}" + (f"; {message}" if message else "")
+    return str(getattr(app.status, "value", app.status)), line
 
 
 def _first_line(text: str, limit: int = 300) -> str:

@@ -326,3 +326,25 @@ async def test_off_a_cluster_a_changed_entry_restarts_its_worker() -> None:
         pass
     assert launcher.launches == ["m", "m"]
     assert launcher.backends["m"].stopped is False  # the new one
+
+
+async def test_on_a_cluster_a_new_system_prompt_neither_rolls_nor_supersedes_a_rollout() -> None:
+    supervisor, launcher = await _deployed()
+    backend = launcher.backends["m"]
+    assert isinstance(backend, RollingBackend)
+    prompt = CLUSTER_TEXT.replace("/m,", "/m, system_prompt: Be brief.,")
+    report = supervisor.apply(parse_registry(prompt))
+    assert report.retuned == ["m"]
+    await asyncio.sleep(0.01)
+    assert backend.entries == [] and supervisor.models["m"].update_task is None
+    supervisor.apply(parse_registry(prompt.replace("4}", "5}")))  # the worker's default
+    await asyncio.sleep(0.01)
+    rollout = supervisor.models["m"].update_task
+    supervisor.apply(parse_registry(prompt.replace("4}", "5}").replace("brief", "terse")))
+    await asyncio.sleep(0.01)
+    assert rollout is not None and not rollout.done()  # still the one rollout
+    backend.rolled.set()
+    await asyncio.sleep(0.01)
+    runtime = supervisor.models["m"]
+    assert runtime.state.value == "ready" and runtime.progress is None  # it completed
+    assert runtime.entry.system_prompt == "Be terse." and len(backend.entries) == 1

@@ -132,3 +132,50 @@ def test_an_alias_bomb_is_refused_quickly_with_a_short_error_and_health_answers(
         assert "once its aliases are expanded" in message and len(message) < 2000
         assert set(health) == {200}
         assert len(gw.client.get("/admin/config").text) < 20_000
+
+
+def test_a_new_system_prompt_or_request_limit_keeps_the_loaded_worker(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """What the gateway applies per request takes effect at the next request; what the
+    worker read at its start (here `threads`) restarts it."""
+
+    def text(prompt: str, extra: str = "") -> str:
+        return f"""
+        gateway: {{watch_config: false}}
+        models:
+          tiny:
+            source: {tiny_model}
+            system_prompt: {json.dumps(prompt)}
+            {extra}
+        """
+
+    config = write_config(tmp_path, text("Be brief."))
+    with running(config) as gw:
+        first = gw.post("/v1/chat/completions", CHAT)
+        assert first.status_code == 200, first.text
+        pid = gw.models()["tiny"]["pid"]
+        retuned = text(
+            "You are a careful assistant who answers every question in full sentences.",
+            "description: retuned\n            limits: {max_messages: 1}",
+        )
+        write_config(tmp_path, retuned)
+        report = gw.client.post("/admin/reload").json()
+        assert report["changed"] == ["tiny"] and report["retuned"] == ["tiny"], report
+        card = gw.models()["tiny"]
+        assert card["state"] == "ready" and card["pid"] == pid
+        assert card["description"] == "retuned"
+        second = gw.post("/v1/chat/completions", CHAT)
+        assert second.status_code == 200, second.text
+        tokens = (r.json()["usage"]["prompt_tokens"] for r in (first, second))
+        assert next(tokens) < next(tokens)  # the new system prompt reached the model
+        two = {**CHAT, "messages": [{"role": "user", "content": "hi"}] * 2}
+        refused = gw.post("/v1/chat/completions", two)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "messages"
+        assert gw.models()["tiny"]["pid"] == pid
+
+        write_config(tmp_path, retuned + "    threads: 1\n")
+        report = gw.client.post("/admin/reload").json()
+        assert report["changed"] == ["tiny"] and report["retuned"] == [], report
+        assert gw.post("/v1/chat/completions", CHAT).status_code == 200
+        assert gw.models()["tiny"]["pid"] not in (None, pid)

@@ -9,6 +9,8 @@ State table (one `ModelRuntime` per registry entry):
     starting   must wait for busy models, times out   unloaded   503 with Retry-After
     ready      idle past keep-alive / evicted         draining   only when nothing is in flight
     ready      admin unload, entry changed or removed draining   waits for in-flight requests
+    any        only per-request fields changed        (same)     the model is kept; the next
+                                                                 request reads the new entry
     ready      entry changed, on a cluster            ready      replicas roll over in place;
                                                                  a failed update: failed
     ready      worker exits unexpectedly              unloaded   in-flight requests get 502;
@@ -51,6 +53,7 @@ from gateway.lifecycle.prober import Prober
 from gateway.lifecycle.residency import Changes, Residency
 from gateway.lifecycle.runtime import Lease, ModelRuntime, State, describe
 from gateway.lifecycle.stopper import Stopper
+from gateway.registry.changes import restart_needed
 from gateway.registry.config import ModelEntry, Registry
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,8 @@ class ReloadReport:
     added: list[str] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
     changed: list[str] = field(default_factory=list)
+    # Of `changed`: those whose change the gateway applies per request, the model kept.
+    retuned: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
 
 
@@ -197,12 +202,12 @@ class Supervisor:
             if not task.cancelled():
                 return self._outcome(runtime, task)
             self._check_serving(runtime)
-            if runtime.entry is entry:
+            if not restart_needed(entry, runtime.entry, cluster=self.cluster):
                 raise ModelUnavailable(
                     f"model {runtime.name!r} was unloaded while it loaded; retry to load it",
                     headers={"Retry-After": "1"},
                 )
-            # The entry changed under the load: wait for the new entry's load.
+            # The entry changed under the load (not only per request): wait for its load.
 
     def _check_serving(self, runtime: ModelRuntime) -> None:
         """Raise unless the gateway serves this runtime: closing is 503, removed is 404."""
@@ -390,6 +395,12 @@ class Supervisor:
             elif runtime.entry == entry:
                 models[name] = runtime
                 report.unchanged.append(name)
+            elif not restart_needed(runtime.entry, entry, cluster=self.cluster):
+                runtime.admission.update(entry.limits)
+                runtime.entry = entry
+                models[name] = runtime
+                report.changed.append(name)
+                report.retuned.append(name)
             else:
                 models[name] = self._replace_entry(runtime, entry)
                 report.changed.append(name)
@@ -438,10 +449,10 @@ class Supervisor:
     async def _update(
         self, runtime: ModelRuntime, backend: UpdatesInPlace, entry: ModelEntry
     ) -> None:
-        def current() -> bool:
+        def current() -> bool:  # a later change of per-request fields only is no rival
             return (
                 runtime.backend is backend
-                and runtime.entry is entry
+                and not restart_needed(runtime.entry, entry, cluster=True)
                 and runtime.state == State.READY
                 and self.models.get(runtime.name) is runtime
             )

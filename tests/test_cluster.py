@@ -305,6 +305,38 @@ def test_a_changed_entry_rolls_its_replicas_over_while_they_serve(front: Gateway
     assert chat(front, "pair").status_code == 200
 
 
+def test_new_replica_counts_queue_and_system_prompt_keep_the_running_replicas(
+    front: Gateway,
+) -> None:
+    """Serve options alone (autoscaling, the queue) are applied to the running replicas,
+    and the gateway's per-request fields need nothing of them: no replica restarts."""
+    assert wait_until(lambda: len(replicas(front, "pair")) == 2, timeout=60)
+    before = {r["replica"] for r in replicas(front, "pair")}
+    first = chat(front, "pair")
+    assert first.status_code == 200, first.text
+    old = "    replicas: {min: 2, max: 2}\n"
+    text = front.config.read_text()
+    assert old in text
+    front.config.write_text(
+        text.replace(
+            old,
+            "    replicas: {min: 2, max: 2, target_ongoing_requests: 3}\n"
+            "    limits: {max_queue: 50}\n"
+            "    system_prompt: You are a careful assistant who answers in full sentences.\n",
+        )
+    )
+    report = front.client.post("/admin/reload").json()
+    assert report["changed"] == ["pair"] and report["retuned"] == [], report  # Serve's part
+    assert wait_until(lambda: front.models()["pair"]["progress"] is None, timeout=60)
+    options = _applications()["llmgw-pair"].deployments["model"]
+    assert options.status == "HEALTHY", options
+    second = chat(front, "pair")
+    assert second.status_code == 200, second.text
+    assert second.json()["usage"]["prompt_tokens"] > first.json()["usage"]["prompt_tokens"]
+    assert {r["replica"] for r in replicas(front, "pair")} == before
+    assert front.models()["pair"]["state"] == "ready"
+
+
 def test_a_killed_node_fails_only_the_requests_it_held_and_the_model_comes_back(
     front: Gateway, cluster: Nodes
 ) -> None:

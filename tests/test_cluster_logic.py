@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 
 from gateway.backends.cluster.connect import ray_address
-from gateway.backends.cluster.launcher import _replica_failure, deployment_options
-from gateway.backends.cluster.replica import on_gpus
+from gateway.backends.cluster.launcher import (
+    _replica_failure,
+    deployment_options,
+    replica_version,
+)
+from gateway.backends.cluster.replica import ReplicaSettings, on_gpus
 from gateway.backends.cluster.resources import actor_options, replica_resources, unfit
 from gateway.backends.launcher import LoadFailed, Progress
 from gateway.errors import BadRequest, ModelUnavailable
@@ -71,6 +75,45 @@ def test_without_an_idle_time_or_when_pinned_a_model_keeps_one_replica() -> None
     two = entry(replicas={"min": 2, "max": 2})
     scaling = deployment_options(two, idle_s=5.0)["autoscaling_config"]
     assert scaling["min_replicas"] == scaling["initial_replicas"] == 2
+
+
+SETTINGS = ReplicaSettings(cache_dir="/c", envs_dir="/e", auto_build_envs=True)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"replicas": {"min": 1, "max": 4, "target_ongoing_requests": 5}},
+        {"idle_unload_s": 30},
+        {"pinned": True},
+        {"limits": {"max_queue": 7}},
+        {"system_prompt": "Be brief.", "generation": {"temperature": 0.1}},
+    ],
+)
+def test_serve_s_options_and_per_request_fields_keep_the_replicas_version(
+    change: dict[str, object],
+) -> None:
+    assert replica_version(entry(**change), SETTINGS) == replica_version(entry(), SETTINGS)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"dtype": "bfloat16"},
+        {"limits": {"max_concurrency": 4}},  # the worker's batch, too
+        {"generation": {"max_new_tokens": 9}},  # the worker's default
+        {"env": {"A": "1"}},
+    ],
+)
+def test_what_a_replica_reads_at_its_start_changes_its_version(
+    change: dict[str, object],
+) -> None:
+    assert replica_version(entry(**change), SETTINGS) != replica_version(entry(), SETTINGS)
+
+
+def test_new_key_sources_to_hide_change_the_replicas_version() -> None:
+    hidden = ReplicaSettings(cache_dir="/c", envs_dir="/e", auto_build_envs=True, secrets=("K",))
+    assert replica_version(entry(), hidden) != replica_version(entry(), SETTINGS)
 
 
 def test_a_replica_takes_the_gpus_ray_gave_it_with_their_memory_budgets() -> None:

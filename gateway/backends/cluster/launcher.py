@@ -2,27 +2,32 @@
 
 Each model is one Serve application, `llmgw-<model>`, deployed on its first request (as a
 worker is started on one machine), updated in place when its entry changes (Serve rolls its
-replicas over) and deleted when the model is unloaded or removed. Its replicas run on
-whichever nodes hold their resources (gateway/backends/cluster/resources.py) and scale
-between `replicas.min` and `replicas.max` on the requests in flight; with `min: 0` the
-cluster scales the model to zero after its idle time and starts a replica on the next
-request, so the cluster, not the gateway, does idle unloading (`Backend.scales_itself`).
+replicas over, or only retunes them when just the deployment's options changed) and deleted
+when the model is unloaded or removed. Its replicas run on whichever nodes hold their
+resources (gateway/backends/cluster/resources.py) and scale between `replicas.min` and
+`replicas.max` on the requests in flight; with `min: 0` the cluster scales the model to
+zero after its idle time and starts a replica on the next request, so the cluster, not the
+gateway, does idle unloading (`Backend.scales_itself`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
+import json
 import logging
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from gateway import __version__
 from gateway.backends.cluster.replica import ModelReplica, ReplicaSettings
 from gateway.backends.cluster.resources import actor_options, live_nodes, replica_resources, unfit
 from gateway.backends.cluster.transport import HandleTransport
 from gateway.backends.launcher import Backend, LoadFailed, Progress
 from gateway.backends.upstream import Upstream
+from gateway.registry.changes import what_a_replica_reads
 from gateway.registry.config import ModelEntry
 
 log = logging.getLogger(__name__)
@@ -64,6 +69,13 @@ def deployment_options(entry: ModelEntry, idle_s: float | None) -> dict[str, Any
         "health_check_timeout_s": 30.0,
         "graceful_shutdown_timeout_s": 20.0,
     }
+
+
+def replica_version(entry: ModelEntry, settings: ReplicaSettings) -> str:
+    """A digest of what a replica reads at its start: its version for Serve."""
+    view = what_a_replica_reads(entry).model_dump(mode="json", warnings=False)
+    shown = json.dumps([__version__, view, dataclasses.asdict(settings)], sort_keys=True)
+    return hashlib.sha256(shown.encode()).hexdigest()[:16]
 
 
 class ClusterBackend:
@@ -186,8 +198,12 @@ class RayLauncher:
         if problem:
             raise LoadFailed("no_room", f"model {name!r} fits on no node: {problem}")
         options = deployment_options(entry, self.idle_s(entry))
-        deployment = serve.deployment(**options)(ModelReplica)
         settings = dataclasses.replace(self.settings, secrets=tuple(sorted(self.key_sources())))
+        # Serve restarts replicas when their version changes, and applies a change to the
+        # options alone (replica counts, idle time, queue) to the running ones.
+        deployment = serve.deployment(**options)(ModelReplica).options(
+            version=replica_version(entry, settings), _internal=True
+        )
         app = deployment.bind(name, entry, settings)
         verb = "deploying to" if fresh else "updating its replicas on"
         on_progress({"event": "progress", "message": f"{verb} the Ray cluster"})

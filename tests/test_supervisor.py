@@ -344,6 +344,24 @@ async def test_waiters_of_a_load_replaced_by_reloads_wait_for_the_new_load(
     assert supervisor.get("a").entry.source == "/a4"
 
 
+async def test_a_change_undone_while_its_model_loads_still_serves_the_waiters(
+    launcher: FakeLauncher,
+) -> None:
+    """A to B and at once back to A (with a new system prompt): the load was cancelled by
+    reloads, not by an unload."""
+    launcher.delay = 0.1
+    supervisor = Supervisor(registry("models: {a: {source: /a}}"), launcher)
+    pending = waiters(supervisor, "a", count=4)
+    await asyncio.sleep(0.03)
+    supervisor.apply(registry("models: {a: {source: /a, threads: 1}}"))
+    # At once, before the waiters have seen the first reload:
+    report = supervisor.apply(registry("models: {a: {source: /a, system_prompt: Hi.}}"))
+    assert report.retuned == []  # against B, the threads went back: a restart
+    results = await asyncio.gather(*pending, return_exceptions=True)
+    assert results == [None] * 5
+    assert supervisor.get("a").state == "ready" and launcher.alive() == ["a"]
+
+
 # -- a reload keeps track of admitted requests -----------------------------------------------
 
 

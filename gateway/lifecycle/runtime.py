@@ -27,6 +27,9 @@ class ModelRuntime:
     name: str
     entry: ModelEntry
     admission: Admission
+    # Counts the reloads that changed what the model's process reads at its start: a load or
+    # an update begun under an earlier count has been superseded (even by a change undone).
+    epoch: int = 0
     state: State = State.UNLOADED
     backend: Backend | None = None
     start_task: asyncio.Task[Backend] | None = None

@@ -194,7 +194,7 @@ class Supervisor:
                     f"model {runtime.name!r} failed to load: {runtime.last_error}",
                     headers={"Retry-After": self._retry_after(runtime)},
                 )
-            entry = runtime.entry
+            epoch = runtime.epoch
             task = self._start(runtime)
             done, _ = await asyncio.wait({task}, timeout=max(0.0, deadline - loop.time()))
             if not done:
@@ -202,12 +202,12 @@ class Supervisor:
             if not task.cancelled():
                 return self._outcome(runtime, task)
             self._check_serving(runtime)
-            if not restart_needed(entry, runtime.entry, cluster=self.cluster):
+            if runtime.epoch == epoch:
                 raise ModelUnavailable(
                     f"model {runtime.name!r} was unloaded while it loaded; retry to load it",
                     headers={"Retry-After": "1"},
                 )
-            # The entry changed under the load (not only per request): wait for its load.
+            # The entry changed under the load (not only per request): wait for the new load.
 
     def _check_serving(self, runtime: ModelRuntime) -> None:
         """Raise unless the gateway serves this runtime: closing is 503, removed is 404."""
@@ -415,6 +415,7 @@ class Supervisor:
     def _replace_entry(self, runtime: ModelRuntime, entry: ModelEntry) -> ModelRuntime:
         runtime.admission.update(entry.limits)  # in place: admitted requests stay counted
         runtime.entry = entry
+        runtime.epoch += 1
         runtime.retry_at = 0.0  # a new entry deserves a fresh try
         if runtime.state == State.FAILED:
             self._set_state(runtime, State.UNLOADED)
@@ -436,7 +437,8 @@ class Supervisor:
         if runtime.update_task is not None:
             runtime.update_task.cancel()  # superseded: Serve rolls over to the latest entry
         task = self._background.spawn(
-            self._update(runtime, backend, runtime.entry), f"update {runtime.name} in place"
+            self._update(runtime, backend, runtime.entry, runtime.epoch),
+            f"update {runtime.name} in place",
         )
         runtime.update_task = task
 
@@ -447,12 +449,12 @@ class Supervisor:
         task.add_done_callback(forget)
 
     async def _update(
-        self, runtime: ModelRuntime, backend: UpdatesInPlace, entry: ModelEntry
+        self, runtime: ModelRuntime, backend: UpdatesInPlace, entry: ModelEntry, epoch: int
     ) -> None:
         def current() -> bool:  # a later change of per-request fields only is no rival
             return (
                 runtime.backend is backend
-                and not restart_needed(runtime.entry, entry, cluster=True)
+                and runtime.epoch == epoch
                 and runtime.state == State.READY
                 and self.models.get(runtime.name) is runtime
             )

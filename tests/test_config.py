@@ -573,3 +573,23 @@ def test_an_interval_or_timeout_that_cannot_work_is_rejected(setting: str) -> No
     # An infinite timeout never fires; a vanishing probe interval is a busy loop.
     issue = only_issue(f"gateway:\n  {setting}\nmodels:\n  m: {{source: ./m}}\n")
     assert issue.path == f"gateway.{setting.split(':')[0]}"
+
+
+@pytest.mark.parametrize(
+    ("stop", "path"),
+    [
+        ('[""]', "models.m.generation.stop.0"),
+        ("[a, b, c, d, e, f, g, h, i]", "models.m.generation.stop"),
+        (f"[{'x' * 257}]", "models.m.generation.stop.0"),
+    ],
+)
+def test_default_stop_strings_are_held_to_what_a_request_may_send(stop: str, path: str) -> None:
+    """Filled into every request that sends none, a default a request could not send would
+    fail them all with an error naming the client's `stop`."""
+    issue = only_issue(f"models:\n  m: {{source: ./m, generation: {{stop: {stop}}}}}\n")
+    assert issue.path == path and issue.line is not None
+
+
+def test_eight_default_stop_strings_are_accepted() -> None:
+    registry = parse_registry("models:\n  m: {source: ./m, generation: {stop: [a,b,c,d,e,f,g,h]}}")
+    assert len(registry.models["m"].generation.stop) == 8

@@ -22,7 +22,16 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.registry.config import Generation, RepetitionPenalty, Seed, Temperature, TopK, TopP
+from gateway.registry.config import (
+    MAX_STOP_CHARS,
+    MAX_STOPS,
+    Generation,
+    RepetitionPenalty,
+    Seed,
+    Temperature,
+    TopK,
+    TopP,
+)
 
 
 def _valid_unicode(value: str) -> str:
@@ -149,8 +158,11 @@ class SamplingFields(Wire):
     @classmethod
     def _stop_limits(cls, value: str | list[str] | None) -> str | list[str] | None:
         stops = [value] if isinstance(value, str) else value or []
-        if len(stops) > 8 or any(not s or len(s) > 256 for s in stops):
-            raise ValueError("stop takes at most 8 non-empty strings of at most 256 characters")
+        if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(
+                f"stop takes at most {MAX_STOPS} non-empty strings"
+                f" of at most {MAX_STOP_CHARS} characters"
+            )
         return value
 
     def stop_list(self) -> list[str]:

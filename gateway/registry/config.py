@@ -116,6 +116,11 @@ Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
 TopK = Annotated[int, Field(ge=0, le=1_000_000)]
 RepetitionPenalty = Annotated[float, Field(ge=0.01, le=10, allow_inf_nan=False)]
+# Stop strings, as a request may send them (OpenAI's limit of 8), so a default can never
+# fail the requests it is filled into.
+MAX_STOPS = 8
+MAX_STOP_CHARS = 256
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 
 
@@ -137,7 +142,9 @@ class Generation(Strict):
     repetition_penalty: RepetitionPenalty | None = Field(
         None, description="Penalty in [0.01, 10] for tokens already seen; 1 is off."
     )
-    stop: list[str] = Field([], description="Strings that end a reply.")
+    stop: list[StopString] = Field(
+        [], max_length=MAX_STOPS, description="Strings that end a reply (at most 8)."
+    )
 
 
 class Limits(Strict):

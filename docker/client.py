@@ -89,6 +89,17 @@ def vllm(base: str) -> None:
     print("vllm chat:", answer["choices"][0]["message"]["content"], answer["usage"])
 
 
+def cluster(base: str) -> None:
+    """The demo model deployed on the container's own Ray (`serve --cluster ray`): the seed
+    route answers, and /v1/models shows the replica that served it."""
+    seed(base)
+    with urllib.request.urlopen(f"{base}/v1/models", timeout=10) as reply:
+        [model] = [m for m in json.load(reply)["data"] if m["id"] == "demo"]
+    replicas = (model["runtime"] or {}).get("cluster", {}).get("replicas", [])
+    assert model["state"] == "ready" and replicas and replicas[0]["node"], model
+    print("cluster replicas:", replicas)
+
+
 def not_ready(base: str) -> None:
     try:
         urllib.request.urlopen(f"{base}/ready", timeout=5)
@@ -141,6 +152,6 @@ if __name__ == "__main__":
     base, what, *rest = sys.argv[1:]
     checks: dict[str, Callable[..., None]] = {
         "health": health, "wait": wait, "seed": seed, "requests": requests, "drain": drain,
-        "vllm": vllm,
+        "vllm": vllm, "cluster": cluster,
     }  # fmt: skip
     checks[what](base, *rest)

@@ -40,7 +40,7 @@ DOCKERD_PID=
 cleanup() {
     set +e
     if [ -n "$DOCKERD_PID" ]; then
-        $DOCKER rm -f "$NAME" "$NAME-vllm" >/dev/null 2>&1
+        $DOCKER rm -f "$NAME" "$NAME-vllm" "$NAME-ray" >/dev/null 2>&1
         [ -f docker/.compose.test.yaml ] && docker-compose -p "llmgw$$" \
             -f docker/.compose.test.yaml --profile cpu down -v >/dev/null 2>&1
         $DOCKER volume rm "$VOLUME" >/dev/null 2>&1
@@ -172,6 +172,32 @@ $DOCKER run --rm --network none -v "llmgw-envs-$$:/data" \
     code=$?; grep -h "runs in its own\|environment" /tmp/gateway.log; kill $!; wait; exit $code' \
     || fail "the model did not serve from the environment built into the image"
 $DOCKER volume rm "llmgw-envs-$$" >/dev/null
+
+step "Ray image (EXTRAS=worker,hubs,cluster)"
+build_start=$SECONDS
+$DOCKER build --network host --progress plain "${secret[@]}" -f docker/Dockerfile \
+    --build-arg BASE=local/debian:bookworm --build-arg TORCH_INDEX="$torch_index" \
+    --build-arg EXTRAS=worker,hubs,cluster -t llm-gateway:cpu-ray . >"$WORK/build-ray.log" 2>&1 \
+    || { tail -40 "$WORK/build-ray.log"; fail "build with EXTRAS=...cluster"; }
+echo "built in $((SECONDS - build_start))s; size $($DOCKER image inspect -f '{{.Size}}' llm-gateway:cpu-ray | numfmt --to=iec)"
+run_start=$SECONDS
+# The image's own registry on a Ray of the container's own; Ray's object store wants /dev/shm.
+$DOCKER run -d --name "$NAME-ray" --network host --stop-timeout 60 --shm-size 1g \
+    llm-gateway:cpu-ray serve --config /etc/llm-gateway/models.yaml --host 127.0.0.1 \
+    --port "$PORT" --cluster ray >/dev/null
+ray_log() { $DOCKER logs "$NAME-ray" 2>&1 | tail -40 | cut -c1-400; }
+python3 docker/client.py "http://127.0.0.1:$PORT" wait || { ray_log; fail "the Ray image: no health"; }
+python3 docker/client.py "http://127.0.0.1:$PORT" cluster || { ray_log; fail "the Ray image: no reply"; }
+echo "a reply from a Ray Serve replica $((SECONDS - run_start))s after the container started"
+$DOCKER top "$NAME-ray" -o pid,args >"$WORK/top-ray.txt"
+grep -q "raylet" "$WORK/top-ray.txt" || fail "no raylet in the Ray container"
+pids=$(awk 'NR > 1 {print $1}' "$WORK/top-ray.txt")
+$DOCKER stop "$NAME-ray" >/dev/null
+code=$($DOCKER wait "$NAME-ray")
+[ "$code" = 0 ] || { ray_log; fail "the Ray container exited with $code"; }
+for pid in $pids; do ! kill -0 "$pid" 2>/dev/null || fail "process $pid outlived the container"; done
+echo "stopped with 0 and no Ray process left ($(wc -l <"$WORK/top-ray.txt") processes ran); the Ray step took $((SECONDS - build_start))s"
+$DOCKER rm "$NAME-ray" >/dev/null
 
 step "vLLM image (ENGINE=vllm)"
 build_start=$SECONDS

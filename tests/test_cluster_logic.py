@@ -391,3 +391,29 @@ async def test_on_a_cluster_a_new_system_prompt_neither_rolls_nor_supersedes_a_r
     runtime = supervisor.models["m"]
     assert runtime.state.value == "ready" and runtime.progress is None  # it completed
     assert runtime.entry.system_prompt == "Be terse." and len(backend.entries) == 1
+
+
+async def test_on_a_cluster_a_new_gateway_idle_time_reaches_the_models_that_take_it() -> None:
+    """The card shows the idle time in force; on a cluster Serve scales on it, so a model
+    without its own gets the gateway's new one as an update of its deployment."""
+    supervisor, launcher = await _deployed()
+    backend = launcher.backends["m"]
+    assert isinstance(backend, RollingBackend)
+    report = supervisor.apply(parse_registry("gateway: {idle_unload_s: 7}\n" + CLUSTER_TEXT))
+    assert report.changed == ["m", "other"] and report.unchanged == []
+    await asyncio.sleep(0.01)
+    assert len(backend.entries) == 1  # m's deployment resubmitted; `other` is not deployed
+    assert supervisor.status(supervisor.models["m"])["idle_unload_s"] == 7
+    backend.rolled.set()
+    await asyncio.sleep(0.01)
+    assert launcher.launches == ["m"] and supervisor.models["m"].state.value == "ready"
+
+
+async def test_off_a_cluster_a_new_gateway_idle_time_changes_no_model() -> None:
+    launcher = FakeLauncher()
+    supervisor = Supervisor(parse_registry(CLUSTER_TEXT), launcher)
+    async with supervisor.lease("m"):
+        pass
+    report = supervisor.apply(parse_registry("gateway: {idle_unload_s: 7}\n" + CLUSTER_TEXT))
+    assert report.unchanged == ["m", "other"]  # the reaper reads it at each pass
+    assert launcher.launches == ["m"] and not launcher.backends["m"].stopped

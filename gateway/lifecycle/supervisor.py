@@ -385,17 +385,25 @@ class Supervisor:
         """Switch to a new registry: add, retire and restart models; keep the unchanged."""
         report = ReloadReport()
         old = self.models
+        idle_before = {name: self.entry_idle_s(r.entry) for name, r in old.items()}
         self.registry = registry
         models: dict[str, ModelRuntime] = {}
         for name, entry in registry.models.items():
             runtime = old.get(name)
+            # On a cluster the idle time is an option of the model's deployment, and a model
+            # without its own takes the gateway's: a new one must reach Serve.
+            idle_moved = (
+                self.cluster
+                and runtime is not None
+                and self.entry_idle_s(entry) != idle_before[name]
+            )
             if runtime is None:
                 models[name] = self._runtime(name, entry)
                 report.added.append(name)
-            elif runtime.entry == entry:
+            elif runtime.entry == entry and not idle_moved:
                 models[name] = runtime
                 report.unchanged.append(name)
-            elif not restart_needed(runtime.entry, entry, cluster=self.cluster):
+            elif not idle_moved and not restart_needed(runtime.entry, entry, cluster=self.cluster):
                 runtime.admission.update(entry.limits)
                 runtime.entry = entry
                 models[name] = runtime

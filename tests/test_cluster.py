@@ -9,6 +9,7 @@ Run by `make test-cluster` (the `cluster` extra); the last test kills node `b`.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import textwrap
@@ -462,6 +463,63 @@ async def test_full_replica_queues_are_a_429_with_retry_after() -> None:
         await upstream.post("/v1/chat/completions", {"model": "m"})
     assert caught.value.headers == {"Retry-After": "1"}
     assert "queue is full" in str(caught.value)
+    await upstream.aclose()
+
+
+class _Waiting:
+    """A Serve handle whose requests wait for a replica that never comes; a cancel before
+    assignment ends them with CancelledError, as Serve's do."""
+
+    def __init__(self) -> None:
+        self.cancelled = 0
+        self._events: list[asyncio.Event] = []
+
+    def options(self, **_: Any) -> _Waiting:
+        return self
+
+    def remote(self, *_: Any) -> _Waiting:
+        return self
+
+    async def __anext__(self) -> Any:
+        event = asyncio.Event()
+        self._events.append(event)
+        await event.wait()
+        raise asyncio.CancelledError
+
+    def cancel(self) -> None:
+        self.cancelled += 1
+        for event in self._events:
+            event.set()
+
+
+async def test_requests_waiting_on_a_deleted_application_end_as_502_at_once() -> None:
+    from gateway.backends.cluster.transport import HandleTransport
+    from gateway.backends.upstream import Upstream
+    from gateway.errors import UpstreamFailed
+
+    handle = _Waiting()
+    upstream = Upstream("http://replica", transport=HandleTransport(handle))
+    waiting = asyncio.ensure_future(upstream.post("/v1/chat/completions", {"model": "m"}))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    await upstream.aclose()  # what stopping the model's backend does after its delete
+    with pytest.raises(UpstreamFailed, match="stopped answering"):
+        await asyncio.wait_for(waiting, 1.0)
+    assert handle.cancelled >= 1
+
+
+async def test_a_client_leaving_a_waiting_request_is_still_a_cancellation() -> None:
+    from gateway.backends.cluster.transport import HandleTransport
+    from gateway.backends.upstream import Upstream
+
+    handle = _Waiting()
+    upstream = Upstream("http://replica", transport=HandleTransport(handle))
+    waiting = asyncio.ensure_future(upstream.post("/v1/chat/completions", {"model": "m"}))
+    await asyncio.sleep(0.01)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert handle.cancelled == 1  # the replica's relay is cancelled with it
     await upstream.aclose()
 
 

@@ -331,6 +331,7 @@ async def test_on_a_cluster_a_failed_update_takes_the_model_out_with_its_reason(
     await asyncio.sleep(0.01)
     runtime = supervisor.models["m"]
     assert runtime.state.value == "failed" and runtime.backend is None
+    assert runtime.progress is None  # not the rollout's last line, about replicas now gone
     assert runtime.last_error == "model 'm': the path /n does not exist"
     assert backend.stopped and runtime.crashes == []  # taken out, not counted as a crash
     with pytest.raises(ModelUnavailable) as caught:

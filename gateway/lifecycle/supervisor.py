@@ -478,6 +478,7 @@ class Supervisor:
                 else LoadFailed("launch", f"{type(exc).__name__}: {exc}")
             )
             runtime.backend = None  # the model is out of service: not an unexpected exit
+            runtime.progress = None  # the rollout it described is over
             self._fail(runtime, failure)
             await backend.stop(1.0)
             return

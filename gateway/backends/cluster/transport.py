@@ -9,6 +9,8 @@ during its reply is a broken connection (502); every replica's queue being full 
 
 from __future__ import annotations
 
+import asyncio
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -21,8 +23,9 @@ _LOST = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCras
 
 
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, items: Any) -> None:
+    def __init__(self, items: Any, transport: HandleTransport) -> None:
         self._items = items
+        self._transport = transport
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         try:
@@ -30,6 +33,9 @@ class _Body(httpx.AsyncByteStream):
                 yield chunk
         except Exception as exc:
             raise httpx.ReadError(_why(exc)) from exc
+        except asyncio.CancelledError:
+            self._transport.raise_if_closed_under_it()
+            raise
 
     async def aclose(self) -> None:
         self._items.cancel()  # the replica stops relaying, and its worker aborts the request
@@ -39,6 +45,23 @@ class HandleTransport(httpx.AsyncBaseTransport):
     def __init__(self, handle: Any, on_replica: Callable[[Any], None] | None = None) -> None:
         self._relay = handle.options(stream=True, method_name="relay")
         self._on_replica = on_replica
+        self._open: weakref.WeakSet[Any] = weakref.WeakSet()  # exchanges not yet closed
+        self._closed = False
+
+    async def aclose(self) -> None:
+        """The model's application is gone: a request still waiting on it (queued for a
+        replica that will never come) would wait for its time-out, so each is cancelled
+        and ends as a broken connection, 502."""
+        self._closed = True
+        for items in list(self._open):
+            items.cancel()
+
+    def raise_if_closed_under_it(self) -> None:
+        """Serve's cancel surfaces as CancelledError in the request's task: unless that
+        task is itself being cancelled (the client left), it was `aclose`."""
+        task = asyncio.current_task()
+        if self._closed and task is not None and not task.cancelling():
+            raise httpx.ReadError("the model's application was deleted under the request")
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         from ray.serve.exceptions import BackPressureError
@@ -46,6 +69,7 @@ class HandleTransport(httpx.AsyncBaseTransport):
         body = await request.aread()
         headers = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw]
         items = self._relay.remote(request.method, request.url.raw_path.decode(), headers, body)
+        self._open.add(items)
         try:
             status, reply_headers, replica = await items.__anext__()
         except BackPressureError as exc:
@@ -64,10 +88,12 @@ class HandleTransport(httpx.AsyncBaseTransport):
             # The client left (or request_timeout_s passed) before the reply began: a
             # dropped handle does not cancel, so the replica would generate to the end.
             items.cancel()
+            self.raise_if_closed_under_it()
             raise
         if self._on_replica is not None:
             self._on_replica(replica)
-        return httpx.Response(status, headers=reply_headers, stream=_Body(items), request=request)
+        body_stream = _Body(items, self)
+        return httpx.Response(status, headers=reply_headers, stream=body_stream, request=request)
 
 
 def _why(exc: BaseException) -> str:
